@@ -1,0 +1,249 @@
+//! The `distill` binary: one subcommand per pipeline stage, thin over the library crates.
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand};
+use distill_core::{parse_device, ChatMessage};
+use distill_teacher::generate::{generate, SamplingParams};
+use distill_teacher::Teacher;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "distill",
+    version,
+    about = "Teacher-student knowledge distillation of language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a llama.cpp GGUF file into a Hugging Face model dir.
+    Convert(ConvertArgs),
+    /// Generate text from a model dir.
+    Generate(GenerateArgs),
+    /// Throughput benchmarks (never part of the test suite).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The GGUF file to convert.
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Output model dir (replaced only once the new one is complete).
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight dtype on disk: f32 keeps the dequantized values exactly.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A Hugging Face model dir (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    prompt: Option<String>,
+    /// A file of prompts, one per line.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Wrap each prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct DeviceArg {
+    /// cpu, or cuda:N in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Teacher full-sequence logits tok/s at batch × seq_len, and greedy decode tok/s at batch 1.
+    Teacher(BenchTeacherArgs),
+}
+
+#[derive(Args)]
+struct BenchTeacherArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Timed full-sequence forwards (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Timed decode steps.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        // One line, whatever the error chain holds.
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert(a) => convert(a),
+        Command::Generate(a) => generate_cmd(a),
+        Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),
+    }
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    };
+    let start = std::time::Instant::now();
+    let s = distill_teacher::convert::convert_gguf(&a.gguf, &a.out, dtype)?;
+    eprintln!(
+        "converted {} → {}: {} tensors, {:.1}M parameters, {} layers, vocab {} ({:.1}s)",
+        a.gguf.display(),
+        a.out.display(),
+        s.tensors,
+        s.params as f64 / 1e6,
+        s.layers,
+        s.vocab_size,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
+    if let Some(p) = &a.prompt {
+        return Ok(vec![p.clone()]);
+    }
+    let path = a
+        .prompts
+        .as_ref()
+        .expect("clap requires --prompt or --prompts");
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    if prompts.is_empty() {
+        bail!("{}: no prompts (expected one per line)", path.display());
+    }
+    Ok(prompts)
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let prompts = read_prompts(&a)?;
+    let device = parse_device(&a.device.device)?;
+    let teacher = Teacher::load(&a.model, &device)?;
+    let tok = &teacher.tokenizer;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_new_tokens: a.max_new_tokens,
+    };
+    let stop = tok.stop_ids();
+    let mut stdout = std::io::stdout().lock();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let text = if a.chat {
+            tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?
+        } else {
+            prompt.clone()
+        };
+        let ids = tok.encode(&text, true)?;
+        if prompts.len() > 1 {
+            writeln!(
+                stdout,
+                "{}### prompt {}: {prompt}",
+                if i > 0 { "\n" } else { "" },
+                i + 1
+            )?;
+        } else if !a.chat {
+            write!(stdout, "{prompt}")?;
+        }
+        let mut stream = tok.decode_stream(true);
+        let start = std::time::Instant::now();
+        let out = generate(&teacher.model, &ids, &stop, &params, |id| {
+            if let Some(piece) = stream.push(id)? {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+            Ok(())
+        })?;
+        writeln!(stdout)?;
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:.1} tok/s, finish: {:?}]",
+            ids.len(),
+            out.tokens.len(),
+            out.tokens.len() as f64 / secs,
+            out.finish
+        );
+    }
+    Ok(())
+}
+
+fn bench_teacher(a: BenchTeacherArgs) -> Result<()> {
+    let device = parse_device(&a.device.device)?;
+    let (model, _) = distill_core::load_model(&a.model, &device)?;
+    let r = distill_teacher::bench::bench_teacher(
+        &model,
+        a.batch,
+        a.seq_len,
+        a.iters,
+        a.decode_tokens,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "teacher {}: full-sequence {:.1} tok/s (batch {} × {}), decode {:.1} tok/s (batch 1), {} threads on {}",
+            a.model.display(),
+            r.prefill_tokens_per_second,
+            r.batch,
+            r.seq_len,
+            r.decode_tokens_per_second,
+            r.threads,
+            r.device
+        );
+    }
+    Ok(())
+}

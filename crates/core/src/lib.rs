@@ -1,0 +1,20 @@
+//! distill-core: what every stage shares — errors, devices, HF configs, the Llama-family causal LM,
+//! weight loading (safetensors, GGUF) and tokenizers.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod model_dir;
+pub mod ops;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Arch, Config, HfConfig};
+pub use device::parse_device;
+pub use error::{Error, Result};
+pub use model::{CausalLm, KvCache};
+pub use model_dir::save_model_dir;
+pub use tokenizer::{ChatMessage, Tokenizer};
+pub use weights::load_model;

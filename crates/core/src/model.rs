@@ -1,0 +1,451 @@
+//! The one Llama-family causal LM (Llama / SmolLM2 / TinyLlama / Llama-3.x, Mistral, Qwen2), used
+//! for the frozen teacher (weights from memory-mapped safetensors) and the trainable student
+//! (weights from a `VarMap`) alike, with Hugging Face tensor names.
+//!
+//! Unlike candle-transformers' llama, `forward` returns logits for every position, which is what
+//! distillation needs; `forward_cached` serves generation with a KV cache.
+
+use crate::config::{Config, RopeScaling};
+use crate::ops;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// `y = x Wᵀ + b` over the last dimension, flattening leading dimensions into one GEMM.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor, // (out, in)
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        // HF's `_init_weights`: normal(0, 0.02) for weights, zeros for biases. Ignored when the
+        // VarBuilder reads existing weights.
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        Ok(Self { weight, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// Precomputed rotary tables, (max_positions, head_dim / 2).
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+            .collect();
+        match &cfg.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => {
+                inv_freq.iter_mut().for_each(|f| *f /= factor);
+            }
+            // transformers' `_compute_llama3_parameters`.
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let old_len = *original_max_position_embeddings as f64;
+                let low_wavelen = old_len / low_freq_factor;
+                let high_wavelen = old_len / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old_len / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv_freq {
+                // f32 angles as transformers computes them (inv_freq and positions in f32).
+                let angle = (p as f32) * (*f as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half), device)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if pos + t > self.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                pos + t,
+                self.cos.dim(0)?
+            )
+        }
+        ops::rope(
+            x,
+            &self.cos.narrow(0, pos, t)?,
+            &self.sin.narrow(0, pos, t)?,
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: Linear::load(
+                vb.pp("q_proj"),
+                h,
+                cfg.num_attention_heads * d,
+                cfg.qkv_bias,
+            )?,
+            k_proj: Linear::load(
+                vb.pp("k_proj"),
+                h,
+                cfg.num_key_value_heads * d,
+                cfg.qkv_bias,
+            )?,
+            v_proj: Linear::load(
+                vb.pp("v_proj"),
+                h,
+                cfg.num_key_value_heads * d,
+                cfg.qkv_bias,
+            )?,
+            o_proj: Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * d, h, cfg.o_bias)?,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    /// `x`: (B, T, hidden) at positions `pos..pos+T`; `mask`: additive (T, S) or None when T = 1.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous() // (B, n, T, D)
+        };
+        let q = heads(self.q_proj.forward(x)?, h)?;
+        let k = heads(self.k_proj.forward(x)?, kvh)?;
+        let v = heads(self.v_proj.forward(x)?, kvh)?;
+        // Scaling q before QKᵀ costs T·D multiplies per head instead of T·S.
+        let q = (rope.apply(&q, pos)? * (1.0 / (d as f64).sqrt()))?;
+        let k = rope.apply(&k, pos)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(&k, &v)?,
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the `rep` query heads that share a KV head
+        // are stacked along the row dimension of one matmul. (B, kvh, rep·T, D) · (B, kvh, D, S).
+        let rep = h / kvh;
+        let q = q.reshape((b, kvh, rep * t, d))?;
+        let att = q.matmul(&k.t()?)?; // (B, kvh, rep·T, S)
+        let att = match mask {
+            Some(mask) => att
+                .reshape((b, kvh, rep, t, s))?
+                .broadcast_add(mask)?
+                .reshape((b, kvh, rep * t, s))?,
+            None => att,
+        };
+        let att = ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?; // (B, kvh, rep·T, D)
+        let y = y
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, cfg.mlp_bias)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, cfg.mlp_bias)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, cfg.mlp_bias)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Config) -> Self {
+        // Grows by 512 positions at a time; dim 2 of (B, kvh, T, D).
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| candle_nn::kv_cache::KvCache::new(2, 512))
+            .collect();
+        Self { layers }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.current_seq_len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.reset());
+    }
+}
+
+/// The causal language model.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    embed_tokens: Tensor, // (V, hidden)
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: Config,
+}
+
+impl CausalLm {
+    /// Builds the model from HF tensor names under `vb`: existing weights (mmap) or new ones (VarMap).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let embed_tokens = vb.pp("model.embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear {
+                weight: embed_tokens.clone(),
+                bias: None,
+            }
+        } else {
+            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, vb.device())?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Logits for every position: (B, T) token ids → (B, T, V).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, 0, None)?;
+        self.lm_head.forward(&hidden)
+    }
+
+    /// Final-norm hidden states for every position: (B, T) → (B, T, hidden). Losses that fuse the
+    /// output projection with the softmax start from here.
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_hidden(ids, 0, None)
+    }
+
+    /// The output projection (lm_head, or the tied embedding).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head.weight
+    }
+
+    /// Incremental forward for generation: feeds `ids` (B, T) after the `cache.len()` positions
+    /// already in `cache` and returns the logits of the last new position, (B, V).
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let pos = cache.len();
+        let hidden = self.forward_hidden(ids, pos, Some(cache))?;
+        let t = hidden.dim(1)?;
+        self.lm_head
+            .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        pos: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let mask = if t == 1 {
+            None
+        } else {
+            Some(causal_mask(t, pos, self.cfg.sliding_window, x.device())?)
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &self.rope, pos, mask.as_ref(), layer_cache)?;
+            x = (x + h)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        self.norm.forward(&x)
+    }
+}
+
+/// Additive causal mask (T, pos+T): 0 where query `pos+i` may see key `j`, −∞ elsewhere; with a
+/// sliding window, keys more than `window − 1` positions back are hidden too (HF Mistral).
+pub fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let s = pos + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            let q = pos + i;
+            (0..s).map(move |j| {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+/// Log-softmax over the vocabulary, f32 (B, T, V).
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    candle_nn::ops::log_softmax(&logits, D::Minus1)
+}

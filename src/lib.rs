@@ -1,0 +1,2 @@
+pub use distill_core as core;
+pub use distill_teacher as teacher;
