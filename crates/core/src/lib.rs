@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod model;
 pub mod model_dir;
 pub mod ops;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

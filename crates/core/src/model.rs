@@ -357,6 +357,35 @@ impl CausalLm {
         })
     }
 
+    /// A new model with HF's initialisation (weights ~ N(0, 0.02), norms 1, biases 0), seeded:
+    /// the same seed gives the same weights on any machine (candle's CPU RNG cannot be seeded).
+    /// Each tensor draws from its own stream keyed by (seed, name), so adding a tensor does not
+    /// shift the others.
+    pub fn init_seeded(
+        cfg: &Config,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Self, candle_nn::VarMap)> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let varmap = candle_nn::VarMap::new();
+        let model = Self::load(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
+        let normal = rand_distr::Normal::new(0f32, 0.02).expect("0.02 is a valid std");
+        for (name, var) in varmap.data().lock().expect("varmap lock poisoned").iter() {
+            if name.ends_with("norm.weight") || name.ends_with(".bias") {
+                continue; // constant init, already exact
+            }
+            let key = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+            });
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+            let n = var.as_tensor().elem_count();
+            let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+            var.set(&Tensor::from_vec(values, var.as_tensor().shape(), device)?)?;
+        }
+        Ok((model, varmap))
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }

@@ -1,0 +1,108 @@
+//! Fixtures for tests across the workspace: a tiny byte-level tokenizer and tiny random model dirs,
+//! built in memory so that tests need no download.
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::model::CausalLm;
+use crate::tokenizer::{byte_level_bpe_json, SpecialTokens, Tokenizer};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// GPT-2's byte → printable-char table (`bytes_to_unicode`).
+pub fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut table = vec!['\0'; 256];
+    for &b in &printable {
+        table[b as usize] = char::from_u32(b).expect("latin-1 code points are chars");
+    }
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            table[b as usize] = char::from_u32(256 + n).expect("small code points are chars");
+            n += 1;
+            printable.push(b);
+        }
+    }
+    table
+}
+
+/// A byte-level BPE with three special tokens (ids 0–2: `<|endoftext|>`, `<|im_start|>`,
+/// `<|im_end|>`), the 256 byte tokens, and a few merges: 259 + merges tokens, ChatML template.
+pub fn tiny_tokenizer() -> Tokenizer {
+    let mut vocab: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let chars = byte_chars();
+    vocab.extend(chars.iter().map(|c| c.to_string()));
+    let g = chars[b' ' as usize];
+    let merges: Vec<String> = vec![format!("{g} t"), "h e".into(), format!("{g}t he")];
+    vocab.extend([format!("{g}t"), "he".into(), format!("{g}the")]);
+    let json = byte_level_bpe_json(&vocab, &merges, &[0, 1, 2]);
+    let template = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    Tokenizer::from_json(
+        &json,
+        Path::new("<tiny tokenizer>"),
+        SpecialTokens {
+            bos: Some("<|im_start|>".into()),
+            eos: Some("<|im_end|>".into()),
+            pad: Some("<|im_end|>".into()),
+            unk: Some("<|endoftext|>".into()),
+            chat_template: Some(template.into()),
+            add_bos: false,
+        },
+    )
+    .expect("the tiny tokenizer JSON is valid")
+}
+
+/// `Config::tiny()` sized to the tiny tokenizer's vocabulary.
+pub fn tiny_config() -> Config {
+    Config {
+        vocab_size: tiny_tokenizer().vocab_size(),
+        ..Config::tiny()
+    }
+}
+
+/// A random model of `cfg` on a VarMap (seeded), with its named tensors.
+pub fn random_model(cfg: &Config, seed: u64) -> Result<(CausalLm, VarMap)> {
+    let device = Device::Cpu;
+    let (model, varmap) = CausalLm::init_seeded(cfg, seed, &device)?;
+    // Norm weights start at 1 and biases at 0, and 0.02-scale weights make nearly uniform
+    // outputs; scale and perturb so that tests see every parameter's effect.
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        let t = var.as_tensor();
+        let new = if name.ends_with("norm.weight") || name.ends_with(".bias") {
+            (t + Tensor::randn(0f32, 0.1, t.shape(), &device)?)?
+        } else {
+            (t * 10.0)?
+        };
+        var.set(&new)?;
+    }
+    Ok((model, varmap))
+}
+
+/// The VarMap's tensors by name.
+pub fn named_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
+    varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Writes a complete random model dir (config, weights, tiny tokenizer) and returns the model.
+pub fn write_tiny_model_dir(dir: &Path, cfg: &Config, seed: u64) -> Result<CausalLm> {
+    let (model, varmap) = random_model(cfg, seed)?;
+    crate::save_model_dir(
+        dir,
+        cfg,
+        &named_tensors(&varmap),
+        &tiny_tokenizer(),
+        DType::F32,
+    )?;
+    Ok(model)
+}
