@@ -108,7 +108,15 @@ struct BenchTeacherArgs {
     device: DeviceArg,
 }
 
+/// mimalloc's `mi_option_purge_delay` (index 15 of `mi_option_e` in mimalloc.h, v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    // Every forward allocates and frees tensors of hundreds of MB (all-position logits are
+    // B·T·V·4 bytes). By default mimalloc returns freed memory to the OS after 10 ms, so each
+    // step page-faults it back in, zeroed: ~10% of a teacher forward. Keep it instead.
+    // SAFETY: called before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         // One line, whatever the error chain holds.

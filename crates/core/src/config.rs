@@ -184,7 +184,7 @@ impl HfConfig {
             return Err("hidden_size, num_attention_heads and vocab_size must be > 0".into());
         }
         let num_kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv == 0 || self.num_attention_heads % num_kv != 0 {
+        if num_kv == 0 || !self.num_attention_heads.is_multiple_of(num_kv) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv}",
                 self.num_attention_heads
@@ -193,7 +193,7 @@ impl HfConfig {
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {head_dim} must be even for rotary embeddings"
             ));

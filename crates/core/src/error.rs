@@ -8,10 +8,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading or writing a file failed at the OS level.
-    #[error("{}: {source}", path.display())]
+    /// (`cause` is not marked as the error source: its text is already in the message, and the
+    /// CLI prints the whole chain on one line.)
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file exists but its content is wrong (bad JSON, missing field, wrong shape, truncated...).
     #[error("{}: {msg}", path.display())]
@@ -34,7 +36,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            cause: source,
         }
     }
 

@@ -1,0 +1,235 @@
+//! Bad inputs to the `distill` binary: each gives one line on stderr that names the file and the
+//! problem, a non-zero exit, no panic, and leaves nothing half-written.
+
+use distill_core::testing::{tiny_config, write_tiny_model_dir};
+use std::path::Path;
+use std::process::Command;
+
+fn distill(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(args)
+        .output()
+        .expect("the distill binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `distill generate` on `dir` and checks the failure shape; returns the message.
+fn generate_fails(dir: &Path, expect: &[&str]) -> String {
+    let (code, _, err) = distill(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]);
+    check_failure(code, &err, expect)
+}
+
+fn check_failure(code: i32, err: &str, expect: &[&str]) -> String {
+    assert_ne!(code, 0, "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(err.starts_with("error: "), "{err}");
+    for e in expect {
+        assert!(err.contains(e), "{err:?} should contain {e:?}");
+    }
+    err.to_string()
+}
+
+fn tiny_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model_dir(&dir.path().join("m"), &tiny_config(), 1).unwrap();
+    dir
+}
+
+#[test]
+fn generate_works_on_a_tiny_model_dir() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let (code, out, err) = distill(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "the",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("the"), "{out}");
+    assert!(err.contains("prompt tokens"), "{err}");
+    // Same seed, same text.
+    let (_, out2, _) = distill(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "the",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(out, out2);
+}
+
+#[test]
+fn missing_model_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    generate_fails(&missing, &["nope", "model dir does not exist"]);
+}
+
+#[test]
+fn missing_config_json() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    std::fs::remove_file(m.join("config.json")).unwrap();
+    generate_fails(&m, &["config.json", "No such file"]);
+}
+
+#[test]
+fn invalid_config_json() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    std::fs::write(
+        m.join("config.json"),
+        "{\"architectures\": [\"LlamaForCausalLM\"], ",
+    )
+    .unwrap();
+    generate_fails(&m, &["config.json", "EOF"]);
+    std::fs::write(
+        m.join("config.json"),
+        "{\"architectures\": [\"LlamaForCausalLM\"]}",
+    )
+    .unwrap();
+    generate_fails(&m, &["config.json", "missing field"]);
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let text = std::fs::read_to_string(m.join("config.json")).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        text.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
+    )
+    .unwrap();
+    generate_fails(
+        &m,
+        &[
+            "config.json",
+            "unsupported architecture GPT2LMHeadModel",
+            "LlamaForCausalLM",
+        ],
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let p = m.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    generate_fails(&m, &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn tensor_with_wrong_shape() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    cfg["intermediate_size"] = serde_json::json!(48);
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    generate_fails(
+        &m,
+        &[
+            "model.safetensors",
+            "weights do not match config.json",
+            "shape",
+        ],
+    );
+}
+
+#[test]
+fn missing_tokenizer() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    std::fs::remove_file(m.join("tokenizer.json")).unwrap();
+    generate_fails(&m, &["tokenizer.json", "missing"]);
+}
+
+#[test]
+fn gguf_that_is_not_a_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("model.gguf");
+    std::fs::write(&fake, b"this is not a gguf file at all").unwrap();
+    let out = dir.path().join("out");
+    let (code, _, err) = distill(&[
+        "convert",
+        "--gguf",
+        fake.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["model.gguf", "not a readable GGUF file"]);
+    assert!(!out.exists(), "nothing is written for a failed conversion");
+    let (code, _, err) = distill(&[
+        "convert",
+        "--gguf",
+        dir.path().join("absent.gguf").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["absent.gguf", "No such file"]);
+}
+
+#[test]
+fn cuda_device_without_the_feature() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let (code, _, err) = distill(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--device",
+        "cuda:0",
+    ]);
+    check_failure(code, &err, &["cuda:0", "--features cuda"]);
+}
+
+#[test]
+fn empty_prompts_file() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "\n\n").unwrap();
+    let (code, _, err) = distill(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["prompts.txt", "no prompts"]);
+}
