@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test suite, as CI runs it: installs what a fresh machine lacks, fetches the real teacher
+# (tests on it fail rather than skip under CI=true), then fmt, clippy and every test.
+#
+# Run with: scripts/test.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "test.sh: cargo not found; install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+if ! command -v python3 >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq python3 python3-pip
+fi
+cargo --version
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "build (dev profile; dependencies optimised)"
+cargo build --workspace --all-targets
+
+step "fetch the teacher (SmolLM2-135M-Instruct)"
+DISTILL_BIN="$root/target/debug/distill" scripts/fetch-teacher.sh
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace
