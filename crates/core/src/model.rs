@@ -145,11 +145,64 @@ impl Rope {
     }
 }
 
+/// Input projections that read the same activations: kept apart while they are trained (the
+/// student's Vars), concatenated into one wider matmul when frozen (teacher, eval), where one GEMM
+/// with N = q + 2·kv (or 2·intermediate) runs closer to peak than three (or two) narrow ones.
+#[derive(Debug, Clone)]
+enum Projections {
+    Separate(Vec<Linear>),
+    Fused { proj: Linear, widths: Vec<usize> },
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let with_bias = parts.iter().filter(|p| p.bias.is_some()).count();
+        let trainable = parts.iter().any(|p| p.weight.track_op());
+        if trainable || (with_bias != 0 && with_bias != parts.len()) {
+            return Ok(Projections::Separate(parts));
+        }
+        let widths = parts
+            .iter()
+            .map(|p| p.weight.dim(0))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = if biases.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&biases, 0)?)
+        };
+        Ok(Projections::Fused {
+            proj: Linear {
+                weight: Tensor::cat(&weights, 0)?,
+                bias,
+            },
+            widths,
+        })
+    }
+
+    /// One output per projection, each (…, width).
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Projections::Fused { proj, widths } => {
+                let y = proj.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(D::Minus1, start, w);
+                        start += w;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Projections,
     o_proj: Linear,
     n_heads: usize,
     n_kv_heads: usize,
@@ -160,24 +213,26 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
-            q_proj: Linear::load(
-                vb.pp("q_proj"),
-                h,
-                cfg.num_attention_heads * d,
-                cfg.qkv_bias,
-            )?,
-            k_proj: Linear::load(
-                vb.pp("k_proj"),
-                h,
-                cfg.num_key_value_heads * d,
-                cfg.qkv_bias,
-            )?,
-            v_proj: Linear::load(
-                vb.pp("v_proj"),
-                h,
-                cfg.num_key_value_heads * d,
-                cfg.qkv_bias,
-            )?,
+            qkv: Projections::new(vec![
+                Linear::load(
+                    vb.pp("q_proj"),
+                    h,
+                    cfg.num_attention_heads * d,
+                    cfg.qkv_bias,
+                )?,
+                Linear::load(
+                    vb.pp("k_proj"),
+                    h,
+                    cfg.num_key_value_heads * d,
+                    cfg.qkv_bias,
+                )?,
+                Linear::load(
+                    vb.pp("v_proj"),
+                    h,
+                    cfg.num_key_value_heads * d,
+                    cfg.qkv_bias,
+                )?,
+            ])?,
             o_proj: Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * d, h, cfg.o_bias)?,
             n_heads: cfg.num_attention_heads,
             n_kv_heads: cfg.num_key_value_heads,
@@ -199,9 +254,10 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous() // (B, n, T, D)
         };
-        let q = heads(self.q_proj.forward(x)?, h)?;
-        let k = heads(self.k_proj.forward(x)?, kvh)?;
-        let v = heads(self.v_proj.forward(x)?, kvh)?;
+        let qkv = self.qkv.forward(x)?;
+        let q = heads(qkv[0].clone(), h)?;
+        let k = heads(qkv[1].clone(), kvh)?;
+        let v = heads(qkv[2].clone(), kvh)?;
         // Scaling q before QKᵀ costs T·D multiplies per head instead of T·S.
         let q = (rope.apply(&q, pos)? * (1.0 / (d as f64).sqrt()))?;
         let k = rope.apply(&k, pos)?;
@@ -234,8 +290,7 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: Projections,
     down_proj: Linear,
 }
 
@@ -243,8 +298,10 @@ impl Mlp {
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, cfg.mlp_bias)?,
-            up_proj: Linear::load(vb.pp("up_proj"), h, i, cfg.mlp_bias)?,
+            gate_up: Projections::new(vec![
+                Linear::load(vb.pp("gate_proj"), h, i, cfg.mlp_bias)?,
+                Linear::load(vb.pp("up_proj"), h, i, cfg.mlp_bias)?,
+            ])?,
             down_proj: Linear::load(vb.pp("down_proj"), i, h, cfg.mlp_bias)?,
         })
     }
@@ -252,8 +309,9 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate_up = self.gate_up.forward(x)?;
+        let h = (gate_up[0].silu()? * &gate_up[1])?;
+        self.down_proj.forward(&h)
     }
 }
 

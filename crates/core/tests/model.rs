@@ -231,7 +231,7 @@ fn mmap_builder_names_truncated_file() {
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = mmap_var_builder(&[path.clone()], DType::F32, &Device::Cpu)
+    let err = mmap_var_builder(std::slice::from_ref(&path), DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
