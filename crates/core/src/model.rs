@@ -40,7 +40,14 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = match rows {
+            1 => match ops::cpu_gemv(&x2, &self.weight)? {
+                Some(y) => y,
+                None => x2.matmul(&self.weight.t()?)?,
+            },
+            _ => x2.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
