@@ -29,6 +29,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Generate text from a model dir.
     Generate(GenerateArgs),
+    /// Tokenize text files (.txt, .jsonl, dirs of them) into packed, memory-mapped token shards.
+    Prepare(PrepareArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -72,6 +74,41 @@ struct GenerateArgs {
     seed: u64,
     #[command(flatten)]
     device: DeviceArg,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// A model dir whose tokenizer.json (and configs) to use.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Input files or directories (.txt: one document per file; .jsonl: one per line). Files under
+    /// a directory named `valid`, and files named `valid.*`, go to the validation split.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output dir (train/, valid/, meta.json); replaced only once the new one is complete.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Fraction of the other documents held out for validation, by a stable hash of each
+    /// document's key (file name, or file:line for JSONL).
+    #[arg(long, default_value_t = 0.0)]
+    valid_fraction: f64,
+    /// The JSONL field with the text (lines with `messages` instead use the chat template).
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// In .txt files, blank lines separate documents.
+    #[arg(long)]
+    blank_line_docs: bool,
+    /// Replace invalid UTF-8 (and count it) instead of refusing the file.
+    #[arg(long)]
+    lossy: bool,
+    /// Replace an output dir that holds shards from another tokenizer.
+    #[arg(long)]
+    force: bool,
+    /// Sequences per shard file.
+    #[arg(long, default_value_t = 4096)]
+    shard_sequences: usize,
 }
 
 #[derive(Args)]
@@ -130,6 +167,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convert(a) => convert(a),
         Command::Generate(a) => generate_cmd(a),
+        Command::Prepare(a) => prepare(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),
     }
 }
@@ -151,6 +189,97 @@ fn convert(a: ConvertArgs) -> Result<()> {
         s.layers,
         s.vocab_size,
         start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// An indicatif bar on a terminal; plain log lines every few seconds otherwise.
+fn byte_progress(total: u64, what: &str) -> impl FnMut(u64) {
+    use std::io::IsTerminal;
+    let start = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(total);
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut last_log = std::time::Instant::now();
+    let what = what.to_string();
+    move |done: u64| {
+        bar.set_position(done);
+        if !tty && (last_log.elapsed().as_secs() >= 5 || done >= total) {
+            last_log = std::time::Instant::now();
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "{what}: {:.1}/{:.1} MB ({:.2} MB/s)",
+                done as f64 / 1e6,
+                total as f64 / 1e6,
+                done as f64 / 1e6 / secs.max(1e-9)
+            );
+        }
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    use distill_core::prepare::{input_files, prepare, PrepareOptions};
+    let tok = distill_core::Tokenizer::from_dir(&a.tokenizer)?;
+    let files = input_files(&a.input)?;
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let opts = PrepareOptions {
+        seq_len: a.seq_len,
+        valid_fraction: a.valid_fraction,
+        text_field: a.text_field,
+        blank_line_docs: a.blank_line_docs,
+        lossy: a.lossy,
+        force: a.force,
+        shard_sequences: a.shard_sequences,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    let meta = prepare(
+        &tok,
+        &a.input,
+        &a.out,
+        &opts,
+        byte_progress(total, "prepare"),
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    for (name, s) in &meta.splits {
+        eprintln!(
+            "{name}: {} documents, {} sequences × {} = {} tokens in {} shard(s)",
+            s.documents,
+            s.sequences,
+            meta.seq_len,
+            s.tokens,
+            s.shards.len()
+        );
+    }
+    let replaced: u64 = meta.sources.iter().map(|s| s.replaced).sum();
+    if replaced > 0 {
+        eprintln!("replaced {replaced} invalid UTF-8 sequence(s) (--lossy)");
+    }
+    eprintln!(
+        "prepared {} file(s), {:.1} MB in {:.1}s ({:.2} MB/s) → {}",
+        meta.sources.len(),
+        total as f64 / 1e6,
+        secs,
+        total as f64 / 1e6 / secs.max(1e-9),
+        a.out.display()
     );
     Ok(())
 }

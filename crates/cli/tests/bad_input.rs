@@ -233,3 +233,58 @@ fn empty_prompts_file() {
     ]);
     check_failure(code, &err, &["prompts.txt", "no prompts"]);
 }
+
+#[test]
+fn prepare_reports_bad_inputs_and_runs_on_the_committed_sample() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let out = dir.path().join("tokens");
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"abc\xffdef").unwrap();
+    let (code, _, err) = distill(&[
+        "prepare",
+        "--tokenizer",
+        m.to_str().unwrap(),
+        "--input",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["bad.txt", "invalid UTF-8 at byte offset 3"]);
+    assert!(!out.exists());
+    let jsonl = dir.path().join("x.jsonl");
+    std::fs::write(&jsonl, "{\"text\": 1}\n").unwrap();
+    let (code, _, err) = distill(&[
+        "prepare",
+        "--tokenizer",
+        m.to_str().unwrap(),
+        "--input",
+        jsonl.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["x.jsonl:1", "not a string"]);
+    // The committed sample prepares into train and valid shards.
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    let (code, _, err) = distill(&[
+        "prepare",
+        "--tokenizer",
+        m.to_str().unwrap(),
+        "--input",
+        sample.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--valid-fraction",
+        "0.5",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("prepared"), "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    assert!(
+        meta["splits"]["train"]["sequences"].as_u64().unwrap() > 0,
+        "{meta}"
+    );
+}

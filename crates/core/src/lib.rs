@@ -8,6 +8,8 @@ pub mod gguf;
 pub mod model;
 pub mod model_dir;
 pub mod ops;
+pub mod prepare;
+pub mod shards;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
