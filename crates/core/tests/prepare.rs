@@ -135,7 +135,7 @@ fn bad_inputs_are_named_and_nothing_half_written_remains() {
     let bad = dir.path().join("bad.txt");
     std::fs::write(&bad, b"good text \xff\xfe more").unwrap();
     fails(
-        &[bad.clone()],
+        std::slice::from_ref(&bad),
         &out,
         &opts(4),
         &["bad.txt", "invalid UTF-8 at byte offset 10", "--lossy"],
@@ -166,7 +166,12 @@ fn bad_inputs_are_named_and_nothing_half_written_remains() {
     // A JSONL line that is not JSON: file:line.
     let j = dir.path().join("bad.jsonl");
     std::fs::write(&j, "{\"text\": \"fine\"}\n{not json\n").unwrap();
-    fails(&[j.clone()], &out, &opts(4), &["bad.jsonl:2", "not JSON"]);
+    fails(
+        std::slice::from_ref(&j),
+        &out,
+        &opts(4),
+        &["bad.jsonl:2", "not JSON"],
+    );
     // A missing text field.
     std::fs::write(&j, "{\"body\": \"no text here\"}\n").unwrap();
     fails(&[j], &out, &opts(4), &["bad.jsonl:1", "no 'text' field"]);
