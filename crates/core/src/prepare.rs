@@ -138,6 +138,39 @@ fn stable_fraction(key: &str) -> f64 {
 struct Doc {
     text: String,
     valid: bool,
+    /// Index of the input file it came from.
+    source: usize,
+}
+
+/// The text of one JSONL record: the text field, or chat `messages` rendered with the template.
+fn jsonl_text(
+    tokenizer: &Tokenizer,
+    line: &str,
+    file: &Path,
+    line_no: usize,
+    field: &str,
+) -> Result<String> {
+    let v: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| Error::Msg(format!("{}:{line_no}: not JSON ({e})", file.display())))?;
+    match v.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(Error::Msg(format!(
+            "{}:{line_no}: field '{field}' is not a string",
+            file.display()
+        ))),
+        None => match v.get("messages") {
+            Some(m) => {
+                let msgs: Vec<ChatMessage> = serde_json::from_value(m.clone()).map_err(|e| {
+                    Error::Msg(format!("{}:{line_no}: bad messages ({e})", file.display()))
+                })?;
+                tokenizer.apply_chat_template(&msgs, false)
+            }
+            None => Err(Error::Msg(format!(
+                "{}:{line_no}: no '{field}' field (nor 'messages')",
+                file.display()
+            ))),
+        },
+    }
 }
 
 /// Tokenizes and packs everything; `progress(bytes_read)` is called after each batch.
@@ -206,18 +239,42 @@ fn write_shards(
 ) -> Result<TokenShardsMeta> {
     let mut train = SplitWriter::new(tmp, "train", opts.seq_len, opts.shard_sequences);
     let mut valid = SplitWriter::new(tmp, "valid", opts.seq_len, opts.shard_sequences);
-    let mut sources = Vec::new();
+    let mut sources: Vec<SourceMeta> = Vec::new();
     let mut done_bytes = 0u64;
+    // One batch across files, so that many one-document files (books) tokenize in parallel too;
+    // bounded by count and bytes. Documents keep their input order.
+    let mut batch: Vec<Doc> = Vec::new();
+    let mut batch_bytes = 0usize;
+    const BATCH_BYTES: usize = 4 << 20;
+    let mut flush = |batch: &mut Vec<Doc>, sources: &mut Vec<SourceMeta>| -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let texts: Vec<&str> = batch.iter().map(|d| d.text.as_str()).collect();
+        let encs = tokenizer
+            .inner()
+            .encode_batch_fast(texts, false)
+            .map_err(|e| Error::file(&sources[batch[0].source].path, format!("tokenizing: {e}")))?;
+        for (doc, enc) in batch.iter().zip(encs) {
+            let ids = enc.get_ids();
+            sources[doc.source].tokens += ids.len() as u64 + 1;
+            let w = if doc.valid { &mut valid } else { &mut train };
+            w.push_document(ids, eos, doc.text.len() as u64)?;
+        }
+        batch.clear();
+        Ok(())
+    };
 
     for file in files {
-        let mut source = SourceMeta {
+        let src = sources.len();
+        sources.push(SourceMeta {
             path: file.display().to_string(),
             sha256: String::new(),
             bytes: 0,
             documents: 0,
             tokens: 0,
             replaced: 0,
-        };
+        });
         // `…/valid/…` dirs and `valid.*` files (data/raw's layout) are validation data.
         let in_valid_dir = file.components().any(|c| {
             Path::new(c.as_os_str())
@@ -225,32 +282,29 @@ fn write_shards(
                 .is_some_and(|s| s == "valid")
         });
         let mut hasher = Sha256::new();
-        let mut batch: Vec<Doc> = Vec::new();
-        let mut flush = |batch: &mut Vec<Doc>, source: &mut SourceMeta| -> Result<()> {
-            if batch.is_empty() {
-                return Ok(());
+        let mut docs: Vec<(String, String)> = Vec::new(); // (text, split key) of this step
+        let mut take = |docs: &mut Vec<(String, String)>,
+                        sources: &mut Vec<SourceMeta>,
+                        batch: &mut Vec<Doc>|
+         -> bool {
+            for (text, key) in docs.drain(..) {
+                if text.trim().is_empty() {
+                    continue;
+                }
+                sources[src].documents += 1;
+                let valid = in_valid_dir || stable_fraction(&key) < opts.valid_fraction;
+                batch_bytes += text.len();
+                batch.push(Doc {
+                    text,
+                    valid,
+                    source: src,
+                });
             }
-            let texts: Vec<&str> = batch.iter().map(|d| d.text.as_str()).collect();
-            let encs = tokenizer
-                .inner()
-                .encode_batch_fast(texts, false)
-                .map_err(|e| Error::file(file, format!("tokenizing: {e}")))?;
-            for (doc, enc) in batch.iter().zip(encs) {
-                let ids = enc.get_ids();
-                source.tokens += ids.len() as u64 + 1;
-                let w = if doc.valid { &mut valid } else { &mut train };
-                w.push_document(ids, eos, doc.text.len() as u64)?;
+            let full = batch.len() >= opts.batch_documents || batch_bytes >= BATCH_BYTES;
+            if full {
+                batch_bytes = 0;
             }
-            batch.clear();
-            Ok(())
-        };
-        let add = |text: String, key: String, batch: &mut Vec<Doc>, source: &mut SourceMeta| {
-            if text.trim().is_empty() {
-                return;
-            }
-            source.documents += 1;
-            let valid = in_valid_dir || stable_fraction(&key) < opts.valid_fraction;
-            batch.push(Doc { text, valid });
+            full
         };
         let is_jsonl = file.extension().and_then(|e| e.to_str()) == Some("jsonl");
         if is_jsonl {
@@ -277,61 +331,25 @@ fn write_shards(
                     opts.lossy,
                 )?;
                 offset += n as u64;
-                source.replaced += bad;
+                sources[src].replaced += bad;
                 let line = line.trim();
                 if line.is_empty() {
                     continue;
                 }
-                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                    Error::Msg(format!("{}:{line_no}: not JSON ({e})", file.display()))
-                })?;
-                let text = match v.get(&opts.text_field) {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(_) => {
-                        return Err(Error::Msg(format!(
-                            "{}:{line_no}: field '{}' is not a string",
-                            file.display(),
-                            opts.text_field
-                        )))
-                    }
-                    None => match v.get("messages") {
-                        Some(m) => {
-                            let msgs: Vec<ChatMessage> = serde_json::from_value(m.clone())
-                                .map_err(|e| {
-                                    Error::Msg(format!(
-                                        "{}:{line_no}: bad messages ({e})",
-                                        file.display()
-                                    ))
-                                })?;
-                            tokenizer.apply_chat_template(&msgs, false)?
-                        }
-                        None => {
-                            return Err(Error::Msg(format!(
-                                "{}:{line_no}: no '{}' field (nor 'messages')",
-                                file.display(),
-                                opts.text_field
-                            )))
-                        }
-                    },
-                };
-                add(
-                    text,
-                    format!("{}#{line_no}", file.display()),
-                    &mut batch,
-                    &mut source,
-                );
-                if batch.len() >= opts.batch_documents {
-                    flush(&mut batch, &mut source)?;
+                let text = jsonl_text(tokenizer, line, file, line_no, &opts.text_field)?;
+                docs.push((text, format!("{}#{line_no}", file.display())));
+                if take(&mut docs, &mut sources, &mut batch) {
+                    flush(&mut batch, &mut sources)?;
                     progress(done_bytes + offset);
                 }
             }
-            source.bytes = offset;
+            sources[src].bytes = offset;
         } else {
             let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
             hasher.update(&bytes);
-            source.bytes = bytes.len() as u64;
+            sources[src].bytes = bytes.len() as u64;
             let (text, bad) = decode_utf8(bytes, file, None, 0, opts.lossy)?;
-            source.replaced += bad;
+            sources[src].replaced += bad;
             let name = file
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -339,26 +357,21 @@ fn write_shards(
             if opts.blank_line_docs {
                 let text = text.replace("\r\n", "\n");
                 for (i, block) in text.split("\n\n").enumerate() {
-                    add(
-                        block.trim().to_string(),
-                        format!("{name}#{i}"),
-                        &mut batch,
-                        &mut source,
-                    );
-                    if batch.len() >= opts.batch_documents {
-                        flush(&mut batch, &mut source)?;
-                    }
+                    docs.push((block.trim().to_string(), format!("{name}#{i}")));
                 }
             } else {
-                add(text, name, &mut batch, &mut source);
+                docs.push((text, name));
+            }
+            if take(&mut docs, &mut sources, &mut batch) {
+                flush(&mut batch, &mut sources)?;
             }
         }
-        flush(&mut batch, &mut source)?;
-        done_bytes += source.bytes;
+        done_bytes += sources[src].bytes;
         progress(done_bytes);
-        source.sha256 = hex(&hasher.finalize());
-        sources.push(source);
+        sources[src].sha256 = hex(&hasher.finalize());
     }
+    flush(&mut batch, &mut sources)?;
+    progress(done_bytes);
     if sources.iter().all(|s| s.documents == 0) {
         return Err(Error::Msg(format!(
             "empty inputs: no documents in {} file(s)",

@@ -239,3 +239,25 @@ fn truncated_shard_is_detected() {
         "{err}"
     );
 }
+
+#[test]
+fn chat_messages_are_rendered_with_the_template() {
+    let tok = tiny_tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    let line = serde_json::json!({"messages": [
+        {"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]});
+    let f = dir.path().join("chat.jsonl");
+    std::fs::write(&f, format!("{line}\n")).unwrap();
+    let out = dir.path().join("tokens");
+    let meta = prepare(&tok, &[f], &out, &opts(4), |_| {}).unwrap();
+    let shards = TokenShards::open(&out, "train").unwrap();
+    let ids: Vec<u32> = (0..shards.len()).flat_map(|i| shards.sequence(i)).collect();
+    let text = tok.decode(&ids, false).unwrap();
+    let want =
+        "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_end|>";
+    assert!(
+        want.starts_with(&text) && text.len() + 16 > want.len(),
+        "{text:?}"
+    );
+    assert_eq!(meta.sources[0].documents, 1);
+}
