@@ -256,7 +256,7 @@ fn chat_messages_are_rendered_with_the_template() {
     let want =
         "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_end|>";
     assert!(
-        want.starts_with(&text) && text.len() + 16 > want.len(),
+        want.starts_with(&text) && text.contains("assistant\nhello"),
         "{text:?}"
     );
     assert_eq!(meta.sources[0].documents, 1);
