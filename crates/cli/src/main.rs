@@ -212,10 +212,13 @@ fn byte_progress(total: u64, what: &str) -> impl FnMut(u64) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut last_log = std::time::Instant::now();
+    let mut logged_end = false;
     let what = what.to_string();
     move |done: u64| {
         bar.set_position(done);
-        if !tty && (last_log.elapsed().as_secs() >= 5 || done >= total) {
+        let end = done >= total && !logged_end;
+        if !tty && (last_log.elapsed().as_secs() >= 5 || end) {
+            logged_end |= end;
             last_log = std::time::Instant::now();
             let secs = start.elapsed().as_secs_f64();
             eprintln!(
