@@ -106,3 +106,10 @@ pub fn write_tiny_model_dir(dir: &Path, cfg: &Config, seed: u64) -> Result<Causa
     )?;
     Ok(model)
 }
+
+/// max |a − b| over all elements (f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("tensors of the same shape and dtype f32")
+}

@@ -216,10 +216,8 @@ impl Tokenizer {
     /// Incremental decoder for streaming generated tokens as text.
     pub fn decode_stream(&self, skip_special: bool) -> TextStream<'_> {
         TextStream {
-            tok: self,
-            ids: Vec::new(),
-            printed: 0,
-            skip_special,
+            inner: self.inner.decode_stream(skip_special),
+            source: &self.source,
         }
     }
 
@@ -322,27 +320,24 @@ pub struct SpecialTokens {
     pub add_bos: bool,
 }
 
-/// Streams generated ids as text, emitting only whole characters (UTF-8 sequences split across
-/// byte-level tokens are held back until complete).
+/// Streams generated ids as text: tokenizers' `DecodeStream`, which decodes a bounded window of
+/// recent ids per step and holds back UTF-8 sequences split across byte-level tokens.
 pub struct TextStream<'a> {
-    tok: &'a Tokenizer,
-    ids: Vec<u32>,
-    printed: usize,
-    skip_special: bool,
+    inner: tokenizers::tokenizer::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+    source: &'a Path,
 }
 
 impl TextStream<'_> {
     /// Adds one id; returns the new text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        self.ids.push(id);
-        let text = self.tok.decode(&self.ids, self.skip_special)?;
-        if text.len() > self.printed && !text.ends_with('\u{FFFD}') {
-            let new = text[self.printed..].to_string();
-            self.printed = text.len();
-            Ok(Some(new))
-        } else {
-            Ok(None)
-        }
+        self.inner.step(id).with_file(self.source)
     }
 }
 

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use distill_core::testing::{
-    named_tensors, random_model, tiny_config, tiny_tokenizer, write_tiny_model_dir,
+    max_abs_diff, named_tensors, random_model, tiny_config, tiny_tokenizer, write_tiny_model_dir,
 };
 use distill_core::weights::{mmap_var_builder, save_sharded_safetensors};
 use distill_core::{load_model, CausalLm, Config, KvCache};
@@ -15,19 +15,6 @@ fn ids(b: usize, t: usize, vocab: usize) -> Tensor {
         .map(|i| ((i * 7919 + 13) % vocab) as u32)
         .collect();
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn every_var_gets_a_gradient(cfg: &Config) {
