@@ -71,10 +71,24 @@ pub fn random_model(cfg: &Config, seed: u64) -> Result<(CausalLm, VarMap)> {
     let (model, varmap) = CausalLm::init_seeded(cfg, seed, &device)?;
     // Norm weights start at 1 and biases at 0, and 0.02-scale weights make nearly uniform
     // outputs; scale and perturb so that tests see every parameter's effect.
-    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+    // Seeded (candle's CPU RNG cannot be), so every test run sees the same model.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let mut vars: Vec<_> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .clone()
+        .into_iter()
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in vars {
         let t = var.as_tensor();
         let new = if name.ends_with("norm.weight") || name.ends_with(".bias") {
-            (t + Tensor::randn(0f32, 0.1, t.shape(), &device)?)?
+            let noise: Vec<f32> = (0..t.elem_count())
+                .map(|_| rng.random_range(-0.2f32..0.2))
+                .collect();
+            (t + Tensor::from_vec(noise, t.shape(), &device)?)?
         } else {
             (t * 10.0)?
         };
