@@ -9,6 +9,9 @@ use distill_teacher::Teacher;
 use std::io::Write;
 use std::path::PathBuf;
 
+mod cache_cmd;
+mod progress;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -31,6 +34,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Tokenize text files (.txt, .jsonl, dirs of them) into packed, memory-mapped token shards.
     Prepare(PrepareArgs),
+    /// Run the teacher over token shards once and store its top-k targets (resumable, shardable).
+    Cache(cache_cmd::CacheArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -112,16 +117,18 @@ struct PrepareArgs {
 }
 
 #[derive(Args)]
-struct DeviceArg {
+pub(crate) struct DeviceArg {
     /// cpu, or cuda:N in a build with `--features cuda`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Teacher full-sequence logits tok/s at batch × seq_len, and greedy decode tok/s at batch 1.
     Teacher(BenchTeacherArgs),
+    /// Teacher-cache throughput as a ratio of the bare teacher forward on the same batches.
+    Cache(cache_cmd::BenchCacheArgs),
 }
 
 #[derive(Args)]
@@ -168,6 +175,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert(a),
         Command::Generate(a) => generate_cmd(a),
         Command::Prepare(a) => prepare(a),
+        Command::Cache(a) => cache_cmd::cache(a),
+        Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),
     }
 }
@@ -191,47 +200,6 @@ fn convert(a: ConvertArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// An indicatif bar on a terminal; plain log lines every few seconds otherwise.
-fn byte_progress(total: u64, what: &str) -> impl FnMut(u64) {
-    use std::io::IsTerminal;
-    let start = std::time::Instant::now();
-    let tty = std::io::stderr().is_terminal();
-    let bar = indicatif::ProgressBar::new(total);
-    if tty {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        bar.set_message(what.to_string());
-    } else {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let mut last_log = std::time::Instant::now();
-    let mut logged_end = false;
-    let what = what.to_string();
-    move |done: u64| {
-        bar.set_position(done);
-        let end = done >= total && !logged_end;
-        if !tty && (last_log.elapsed().as_secs() >= 5 || end) {
-            logged_end |= end;
-            last_log = std::time::Instant::now();
-            let secs = start.elapsed().as_secs_f64();
-            eprintln!(
-                "{what}: {:.1}/{:.1} MB ({:.2} MB/s)",
-                done as f64 / 1e6,
-                total as f64 / 1e6,
-                done as f64 / 1e6 / secs.max(1e-9)
-            );
-        }
-        if done >= total {
-            bar.finish_and_clear();
-        }
-    }
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {
@@ -259,7 +227,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         &a.input,
         &a.out,
         &opts,
-        byte_progress(total, "prepare"),
+        progress::bar(total, progress::Unit::Bytes, "prepare"),
     )?;
     let secs = start.elapsed().as_secs_f64();
     for (name, s) in &meta.splits {

@@ -288,3 +288,72 @@ fn prepare_reports_bad_inputs_and_runs_on_the_committed_sample() {
         "{meta}"
     );
 }
+
+#[test]
+fn cache_runs_resumes_and_refuses_bad_inputs() {
+    use distill_core::testing::write_tiny_tokens;
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let tokens = dir.path().join("tokens");
+    write_tiny_tokens(&tokens, 2, 16, 4, 1).unwrap();
+    let out = dir.path().join("cache");
+    let (m_s, t_s, o_s) = (
+        m.to_str().unwrap(),
+        tokens.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let base = ["cache", "--teacher", m_s, "--tokens", t_s, "--out", o_s];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |args: Vec<String>| distill(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (code, _, err) = run(with(&["--top-k", "4"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("bytes/token"), "{err}");
+    let manifest = std::fs::read(out.join("manifest.json")).unwrap();
+    // The same command again finds everything complete.
+    let (code, _, err) = run(with(&["--top-k", "4"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("0 written now"), "{err}");
+
+    // Other settings into the same dir: refused, nothing lost.
+    let (code, _, err) = run(with(&["--top-k", "8"]));
+    check_failure(
+        code,
+        &err,
+        &["manifest.json", "other settings", "top-k 4 on disk vs 8"],
+    );
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), manifest);
+
+    // A bad --shard.
+    let (code, _, err) = run(with(&["--shard", "2/2"]));
+    check_failure(code, &err, &["--shard 2/2", "I/N"]);
+
+    // Tokens made with another tokenizer than the teacher's.
+    let meta_path = tokens.join("meta.json");
+    let text = std::fs::read_to_string(&meta_path).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+    meta["tokenizer_hash"] = serde_json::json!("f".repeat(64));
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    let (code, _, err) = run(with(&[]));
+    check_failure(code, &err, &["meta.json", "another tokenizer"]);
+    std::fs::write(&meta_path, text).unwrap();
+
+    // Not a tokens dir.
+    let (code, _, err) = distill(&["cache", "--teacher", m_s, "--tokens", m_s, "--out", o_s]);
+    check_failure(code, &err, &["not a token shards dir"]);
+
+    // --merge on a dir that holds no parts.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, _, err) = distill(&[
+        "cache",
+        "--merge",
+        "--tokens",
+        t_s,
+        "--out",
+        empty.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["empty", "not a teacher cache"]);
+}

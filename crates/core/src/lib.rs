@@ -1,6 +1,7 @@
 //! distill-core: what every stage shares — errors, devices, HF configs, the Llama-family causal LM,
 //! weight loading (safetensors, GGUF) and tokenizers.
 
+pub mod cache;
 pub mod config;
 pub mod device;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
+pub use cache::TeacherTargets;
 pub use config::{Arch, Config, HfConfig};
 pub use device::parse_device;
 pub use error::{Error, Result};

@@ -127,3 +127,77 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
         .expect("tensors of the same shape and dtype f32")
 }
+
+/// Seeded synthetic text with structure a small model can learn (a few sentence templates over a
+/// small lexicon): `docs` documents of about `words` words each.
+pub fn synthetic_corpus(docs: usize, words: usize, seed: u64) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    const SUBJ: [&str; 6] = [
+        "the cat",
+        "a dog",
+        "the old man",
+        "my friend",
+        "the bird",
+        "a child",
+    ];
+    const VERB: [&str; 6] = [
+        "sat on",
+        "looked at",
+        "ran past",
+        "slept near",
+        "sang to",
+        "found",
+    ];
+    const OBJ: [&str; 6] = [
+        "the mat",
+        "a tree",
+        "the river",
+        "the house",
+        "a red ball",
+        "the moon",
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..docs)
+        .map(|_| {
+            let mut doc = String::new();
+            while doc.split_whitespace().count() < words {
+                let s = SUBJ[rng.random_range(0..SUBJ.len())];
+                let v = VERB[rng.random_range(0..VERB.len())];
+                let o = OBJ[rng.random_range(0..OBJ.len())];
+                doc.push_str(&format!("{s} {v} {o}. "));
+            }
+            doc.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// Token shards of [`synthetic_corpus`] made with [`tiny_tokenizer`]: `train/` gets `docs`
+/// documents, `valid/` a quarter as many (other seed), written to `out` with small shards.
+pub fn write_tiny_tokens(
+    out: &Path,
+    docs: usize,
+    seq_len: usize,
+    shard_sequences: usize,
+    seed: u64,
+) -> Result<crate::shards::TokenShardsMeta> {
+    let src = out.with_extension("src");
+    for (split, n, s) in [
+        ("train", docs, seed),
+        ("valid", docs.div_ceil(4), seed ^ 0xabc),
+    ] {
+        let dir = src.join(split);
+        std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
+        let lines: Vec<String> = synthetic_corpus(n, 40, s)
+            .into_iter()
+            .map(|d| serde_json::json!({ "text": d }).to_string())
+            .collect();
+        let path = dir.join("docs.jsonl");
+        std::fs::write(&path, lines.join("\n")).map_err(|e| crate::Error::io(&path, e))?;
+    }
+    let opts = crate::prepare::PrepareOptions {
+        seq_len,
+        shard_sequences,
+        ..Default::default()
+    };
+    crate::prepare::prepare(&tiny_tokenizer(), &[src], out, &opts, |_| {})
+}

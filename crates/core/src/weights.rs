@@ -86,6 +86,45 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(CausalLm, Config)> {
     Ok((model, cfg))
 }
 
+/// sha256 of a file, hex, streamed (the file is never held in memory).
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(crate::tokenizer::hex(&hasher.finalize()))
+}
+
+/// The identity of a model dir's weights: sha256 over `config.json` and every safetensors file
+/// (each file's name and sha256, in a stable order). Two dirs with the same files hash the same
+/// wherever they live; any changed weight or config changes it.
+pub fn model_hash(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files = vec![dir.join("config.json")];
+    files.extend(safetensors_files(dir)?);
+    let hashes = files
+        .iter()
+        .map(|f| file_sha256(f))
+        .collect::<Result<Vec<_>>>()?;
+    let mut hasher = Sha256::new();
+    for (f, h) in files.iter().zip(hashes) {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        hasher.update(format!("{name} {h}\n").as_bytes());
+    }
+    Ok(crate::tokenizer::hex(&hasher.finalize()))
+}
+
 /// The torch dtype name written in `config.json` for a candle dtype.
 pub fn torch_dtype_name(dtype: DType) -> &'static str {
     match dtype {

@@ -2,6 +2,7 @@
 //! HF dirs, generation with a KV cache, and throughput benchmarks.
 
 pub mod bench;
+pub mod cache;
 pub mod convert;
 pub mod generate;
 
