@@ -1,0 +1,5 @@
+//! distill-train: the KL-divergence training loop — losses (fused CPU ops with hand-written
+//! backward), AdamW with saveable state, the LR schedule, student construction, the trainer with
+//! checkpoints and exact resume.
+
+pub mod loss;
