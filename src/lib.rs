@@ -1,2 +1,3 @@
 pub use distill_core as core;
 pub use distill_teacher as teacher;
+pub use distill_train as train;

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 mod cache_cmd;
 mod progress;
+mod train_cmd;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,6 +37,8 @@ enum Command {
     Prepare(PrepareArgs),
     /// Run the teacher over token shards once and store its top-k targets (resumable, shardable).
     Cache(cache_cmd::CacheArgs),
+    /// Distil a student from the teacher (cache or online) with a KD loss; checkpoints, resume.
+    Train(train_cmd::TrainArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -176,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate_cmd(a),
         Command::Prepare(a) => prepare(a),
         Command::Cache(a) => cache_cmd::cache(a),
+        Command::Train(a) => train_cmd::run(a),
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),
     }

@@ -273,15 +273,23 @@ pub struct Cursor {
 pub struct BatchReader<'a> {
     shards: &'a TokenShards,
     seed: u64,
+    /// Only sequences `0..limit` take part (e.g. the prefix a teacher cache covers).
+    limit: usize,
     order: Vec<u32>,
     cursor: Cursor,
 }
 
 impl<'a> BatchReader<'a> {
     pub fn new(shards: &'a TokenShards, seed: u64) -> Self {
+        Self::with_limit(shards, seed, shards.len())
+    }
+
+    /// A reader over the first `limit` sequences only.
+    pub fn with_limit(shards: &'a TokenShards, seed: u64, limit: usize) -> Self {
         let mut r = Self {
             shards,
             seed,
+            limit: limit.min(shards.len()).max(1),
             order: Vec::new(),
             cursor: Cursor { epoch: 0, index: 0 },
         };
@@ -289,10 +297,15 @@ impl<'a> BatchReader<'a> {
         r
     }
 
+    /// Sequences per epoch.
+    pub fn epoch_len(&self) -> usize {
+        self.order.len()
+    }
+
     fn shuffle(&mut self) {
         use rand::seq::SliceRandom;
         use rand::SeedableRng;
-        let mut order: Vec<u32> = (0..self.shards.len() as u32).collect();
+        let mut order: Vec<u32> = (0..self.limit as u32).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
             self.seed ^ self.cursor.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
@@ -314,7 +327,16 @@ impl<'a> BatchReader<'a> {
 
     /// The next `batch` sequences, row-major (batch · seq_len ids), crossing epochs as needed.
     pub fn next_batch(&mut self, batch: usize) -> Vec<u32> {
-        let mut out = Vec::with_capacity(batch * self.shards.seq_len());
+        self.next_indices(batch)
+            .into_iter()
+            .flat_map(|i| self.shards.sequence(i))
+            .collect()
+    }
+
+    /// The numbers of the next `batch` sequences (to fetch their tokens and their teacher
+    /// targets), crossing epochs as needed.
+    pub fn next_indices(&mut self, batch: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(batch);
         for _ in 0..batch {
             if self.cursor.index as usize >= self.order.len() {
                 self.cursor = Cursor {
@@ -323,8 +345,7 @@ impl<'a> BatchReader<'a> {
                 };
                 self.shuffle();
             }
-            let i = self.order[self.cursor.index as usize] as usize;
-            out.extend(self.shards.sequence(i));
+            out.push(self.order[self.cursor.index as usize] as usize);
             self.cursor.index += 1;
         }
         out

@@ -2,4 +2,8 @@
 //! backward), AdamW with saveable state, the LR schedule, student construction, the trainer with
 //! checkpoints and exact resume.
 
+pub mod config;
 pub mod loss;
+pub mod optim;
+pub mod student;
+pub mod trainer;

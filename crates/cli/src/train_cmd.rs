@@ -1,0 +1,130 @@
+//! `distill train`.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use distill_train::config::RunConfig;
+use distill_train::trainer::{run_config, train, Event, RunOptions};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Run config (TOML), e.g. configs/smollm2-student.toml.
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Run dir (default runs/NAME).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override train.max_steps.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Override any config key, e.g. --set train.lr=3e-4 --set loss.kind=reverse_kl.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the run in RUN_DIR from its latest checkpoint (its own config.toml applies).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "out"])]
+    resume: Option<PathBuf>,
+    /// Start even if the memory plan exceeds the available memory.
+    #[arg(long)]
+    ignore_memory_plan: bool,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut sets = a.sets.clone();
+    if let Some(n) = a.max_steps {
+        sets.push(format!("train.max_steps={n}"));
+    }
+    let (cfg, out, resume) = match &a.resume {
+        Some(run) => {
+            let base = run_config(run)?;
+            let mut table: toml::Table = toml::from_str(&base.to_toml())?;
+            for s in &sets {
+                distill_train::config::apply_set(&mut table, s)?;
+            }
+            let cfg = RunConfig::from_table(table)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", run.join("config.toml").display()))?;
+            (cfg, run.clone(), true)
+        }
+        None => {
+            let path = a.config.as_ref().expect("clap requires --config");
+            let cfg = RunConfig::load(path, &sets)?;
+            let out = a
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+            (cfg, out, false)
+        }
+    };
+    if cfg.train.max_steps == 0 {
+        bail!("train.max_steps is 0: nothing to do");
+    }
+    let opts = RunOptions {
+        out: out.clone(),
+        resume,
+        ignore_memory_plan: a.ignore_memory_plan,
+        stop_after: None,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(cfg.train.max_steps);
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "train [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let log_every = cfg.train.log_every.max(1);
+    let summary = train(cfg, &opts, |e| {
+        match e {
+        Event::Plan(p) => bar.suspend(|| eprintln!("{p}")),
+        Event::Start { step, max_steps } => {
+            bar.set_position(step);
+            if step > 0 {
+                bar.suspend(|| eprintln!("resuming at step {step} of {max_steps}"));
+            }
+        }
+        Event::Step(m) => {
+            bar.set_position(m.step);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                m.loss, m.lr, m.tokens_per_second
+            ));
+            if !tty && m.step % log_every == 0 {
+                eprintln!(
+                    "step {} loss {:.4} (kd {:.4}, ce {:.4}) lr {:.2e} grad-norm {:.3} {:.0} tok/s",
+                    m.step, m.loss, m.kd, m.ce, m.lr, m.grad_norm, m.tokens_per_second
+                );
+            }
+        }
+        Event::Eval(e) => bar.suspend(|| {
+            eprintln!(
+                "eval step {}: ce {:.4}, perplexity {:.2}, KL(teacher‖student) {:.4} over {} tokens",
+                e.step, e.ce, e.perplexity, e.kl_to_teacher, e.eval_tokens
+            )
+        }),
+        Event::Checkpoint(p) => bar.suspend(|| eprintln!("checkpoint {}", p.display())),
+    }
+    })?;
+    bar.finish_and_clear();
+    let eval = summary
+        .last_eval
+        .map(|e| {
+            format!(
+                ", validation perplexity {:.2}, KL {:.4}",
+                e.perplexity, e.kl_to_teacher
+            )
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "trained {} steps, {} tokens in {:.1}s{eval} → {}",
+        summary.steps,
+        summary.tokens,
+        summary.seconds,
+        summary.final_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Run configs: TOML files (`configs/*.toml`) with `--set key=value` overrides. Unknown keys are
+//! refused, naming the key; the resolved config is written into the run dir.
+
+use crate::loss::{KdKind, LossConfig};
+use distill_core::error::{read_text, FileContext};
+use distill_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name (the run dir defaults to `runs/NAME`).
+    pub name: String,
+    pub data: DataSection,
+    pub teacher: TeacherSection,
+    pub student: StudentSection,
+    #[serde(default)]
+    pub loss: LossSection,
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Token shards dir (`distill prepare`).
+    pub tokens: PathBuf,
+    /// Teacher cache dir (`distill cache`); absent: the teacher runs inside the loop (online).
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSection {
+    /// Teacher model dir (HF layout): its tokenizer and config shape the student; its weights
+    /// run online or are checked against the cache's teacher hash.
+    pub model: PathBuf,
+    /// Online only: reduce the live teacher to top-k sparse targets (as a cache would) instead
+    /// of full-vocabulary logits. 0 = dense.
+    #[serde(default)]
+    pub top_k: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StudentInit {
+    /// HF init (normal 0.02), seeded.
+    Random,
+    /// Copy the teacher's embeddings, final norm (and lm_head) and a subset of its layers.
+    TeacherLayers,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentSection {
+    /// A named shape (`tiny`, `4l-256`, `6l-384`); explicit fields below override it.
+    #[serde(default)]
+    pub preset: Option<String>,
+    pub layers: Option<usize>,
+    pub hidden: Option<usize>,
+    pub heads: Option<usize>,
+    pub kv_heads: Option<usize>,
+    pub intermediate: Option<usize>,
+    /// Vocabulary size if it should differ from the teacher's by padding (e.g. a multiple of 64).
+    pub vocab_size: Option<usize>,
+    #[serde(default = "default_init")]
+    pub init: StudentInit,
+    /// With `init = "teacher-layers"`: which teacher layers (default every k-th from 0).
+    pub teacher_layers: Option<Vec<usize>>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_init() -> StudentInit {
+    StudentInit::Random
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    /// forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.
+    pub kind: String,
+    /// JSD's β.
+    pub beta: Option<f32>,
+    /// Skew KL's α.
+    pub alpha: Option<f32>,
+    pub temperature: f32,
+    pub alpha_kd: f32,
+    pub alpha_ce: f32,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self {
+            kind: "forward_kl".into(),
+            beta: None,
+            alpha: None,
+            temperature: 2.0,
+            alpha_kd: 1.0,
+            alpha_ce: 0.0,
+        }
+    }
+}
+
+impl LossSection {
+    pub fn to_config(&self, teacher_vocab: Option<usize>) -> Result<LossConfig> {
+        let need = |v: Option<f32>, name: &str| {
+            v.ok_or_else(|| Error::Msg(format!("loss.kind = \"{}\" needs loss.{name}", self.kind)))
+        };
+        let kind = match self.kind.as_str() {
+            "forward_kl" => KdKind::ForwardKl,
+            "reverse_kl" => KdKind::ReverseKl,
+            "jsd" => KdKind::Jsd {
+                beta: need(self.beta, "beta")?,
+            },
+            "skew_forward_kl" => KdKind::SkewForwardKl {
+                alpha: need(self.alpha, "alpha")?,
+            },
+            "skew_reverse_kl" => KdKind::SkewReverseKl {
+                alpha: need(self.alpha, "alpha")?,
+            },
+            "tvd" => KdKind::Tvd,
+            other => {
+                return Err(Error::Msg(format!(
+                    "loss.kind = \"{other}\": expected forward_kl, reverse_kl, jsd, \
+                     skew_forward_kl, skew_reverse_kl or tvd"
+                )))
+            }
+        };
+        kind.validate()?;
+        if !(self.temperature > 0.0) {
+            return Err(Error::Msg(format!(
+                "loss.temperature = {}: must be > 0",
+                self.temperature
+            )));
+        }
+        Ok(LossConfig {
+            kind,
+            temperature: self.temperature,
+            alpha_kd: self.alpha_kd,
+            alpha_ce: self.alpha_ce,
+            teacher_vocab,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub max_steps: u64,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global grad-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Data order seed.
+    pub seed: u64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    /// Validation sequences per evaluation (the first N of the valid split).
+    pub eval_sequences: usize,
+    pub checkpoint_every: u64,
+    /// Step checkpoints kept (the best by validation loss is kept as well).
+    pub keep_checkpoints: usize,
+    pub device: String,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            grad_accum: 1,
+            max_steps: 1000,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 0,
+            log_every: 10,
+            eval_every: 100,
+            eval_sequences: 32,
+            checkpoint_every: 200,
+            keep_checkpoints: 2,
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// Applies one `key=value` override (dotted key; the value parsed as TOML, else a string).
+pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
+    let (key, value) = set
+        .split_once('=')
+        .ok_or_else(|| Error::Msg(format!("--set {set}: expected key=value")))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut t = table;
+    for p in &parts[..parts.len() - 1] {
+        t = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| Error::Msg(format!("--set {set}: {p} is not a table")))?;
+    }
+    t.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    /// Reads a TOML config and applies `--set` overrides; unknown keys are refused.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = read_text(path)?;
+        let mut table: toml::Table = toml::from_str(&text).with_file(path)?;
+        for s in sets {
+            apply_set(&mut table, s)?;
+        }
+        Self::from_table(table).with_file(path)
+    }
+
+    pub fn from_table(table: toml::Table) -> std::result::Result<Self, String> {
+        let cfg: RunConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let t = &self.train;
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            return Err("train.batch_size and train.grad_accum must be ≥ 1".into());
+        }
+        if !(t.lr > 0.0) || t.min_lr < 0.0 || t.min_lr > t.lr {
+            return Err(format!(
+                "train.lr = {} / train.min_lr = {}: need 0 ≤ min_lr ≤ lr, lr > 0",
+                t.lr, t.min_lr
+            ));
+        }
+        self.loss.to_config(None).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}

@@ -1,0 +1,145 @@
+//! Student construction from the run config: a preset or explicit shape sharing the teacher's
+//! tokenizer with random (seeded) init, or `init = "teacher-layers"`: the teacher's embeddings,
+//! final norm (and lm_head) and a chosen subset of its layers (DistilBERT / Minitron).
+
+use crate::config::{StudentInit, StudentSection};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use distill_core::{CausalLm, Config, Error, Result};
+use std::path::Path;
+
+/// (layers, hidden, heads, kv_heads, intermediate) of the named shapes.
+pub fn preset(name: &str) -> Result<(usize, usize, usize, usize, usize)> {
+    Ok(match name {
+        "tiny" => (2, 32, 4, 2, 64),
+        "4l-256" => (4, 256, 4, 4, 768),
+        "6l-384" => (6, 384, 6, 2, 1024),
+        _ => {
+            return Err(Error::Msg(format!(
+                "student.preset = \"{name}\": expected tiny, 4l-256 or 6l-384"
+            )))
+        }
+    })
+}
+
+/// The student's config: the teacher's, reshaped.
+pub fn student_config(teacher: &Config, s: &StudentSection) -> Result<Config> {
+    let (mut l, mut h, mut nh, mut kv, mut ff) = match &s.preset {
+        Some(p) => preset(p)?,
+        None if s.init == StudentInit::TeacherLayers => (
+            teacher.num_hidden_layers / 2,
+            teacher.hidden_size,
+            teacher.num_attention_heads,
+            teacher.num_key_value_heads,
+            teacher.intermediate_size,
+        ),
+        None => (0, 0, 0, 0, 0),
+    };
+    l = s.layers.unwrap_or(l);
+    h = s.hidden.unwrap_or(h);
+    nh = s.heads.unwrap_or(nh);
+    kv = s.kv_heads.unwrap_or(kv.max(1).min(nh.max(1)));
+    ff = s.intermediate.unwrap_or(ff);
+    if l == 0 || h == 0 || nh == 0 || ff == 0 {
+        return Err(Error::Msg(
+            "student shape incomplete: give student.preset or layers, hidden, heads and intermediate"
+                .into(),
+        ));
+    }
+    if h % nh != 0 || nh % kv != 0 {
+        return Err(Error::Msg(format!(
+            "student shape: hidden {h} must be a multiple of heads {nh}, and heads of kv_heads {kv}"
+        )));
+    }
+    let vocab = s.vocab_size.unwrap_or(teacher.vocab_size);
+    Ok(Config {
+        vocab_size: vocab,
+        hidden_size: h,
+        intermediate_size: ff,
+        num_hidden_layers: l,
+        num_attention_heads: nh,
+        num_key_value_heads: kv,
+        head_dim: h / nh,
+        torch_dtype: "float32".into(),
+        ..teacher.clone()
+    })
+}
+
+/// Teacher layers a student of `n` layers copies by default: every k-th from 0.
+pub fn default_layer_map(teacher_layers: usize, n: usize) -> Vec<usize> {
+    let k = (teacher_layers / n.max(1)).max(1);
+    (0..n).map(|i| (i * k).min(teacher_layers - 1)).collect()
+}
+
+/// Builds the student (trainable, on a VarMap).
+pub fn build_student(
+    teacher_dir: &Path,
+    teacher_cfg: &Config,
+    s: &StudentSection,
+    device: &Device,
+) -> Result<(CausalLm, VarMap, Config)> {
+    let cfg = student_config(teacher_cfg, s)?;
+    let (model, varmap) = CausalLm::init_seeded(&cfg, s.seed, device)?;
+    if s.init == StudentInit::TeacherLayers {
+        copy_teacher_layers(teacher_dir, teacher_cfg, &cfg, s, &varmap, device)?;
+    }
+    Ok((model, varmap, cfg))
+}
+
+fn copy_teacher_layers(
+    teacher_dir: &Path,
+    tc: &Config,
+    sc: &Config,
+    s: &StudentSection,
+    varmap: &VarMap,
+    device: &Device,
+) -> Result<()> {
+    let shape = |c: &Config| {
+        (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+            c.vocab_size,
+        )
+    };
+    if shape(tc) != shape(sc) {
+        return Err(Error::Msg(format!(
+            "student.init = \"teacher-layers\" needs the teacher's width (hidden, heads, kv_heads, \
+             intermediate, vocab = {:?}); the student has {:?}",
+            shape(tc),
+            shape(sc)
+        )));
+    }
+    let map = match &s.teacher_layers {
+        Some(m) => m.clone(),
+        None => default_layer_map(tc.num_hidden_layers, sc.num_hidden_layers),
+    };
+    if map.len() != sc.num_hidden_layers || map.iter().any(|&i| i >= tc.num_hidden_layers) {
+        return Err(Error::Msg(format!(
+            "student.teacher_layers = {map:?}: need {} indices below {}",
+            sc.num_hidden_layers, tc.num_hidden_layers
+        )));
+    }
+    let files = distill_core::weights::safetensors_files(teacher_dir)?;
+    // SAFETY: model dirs are read-only inputs for the whole run.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::file(&files[0], e))?;
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        let src = match name.strip_prefix("model.layers.") {
+            Some(rest) => {
+                let (i, tail) = rest.split_once('.').expect("layer tensor names have a dot");
+                let i: usize = i.parse().expect("layer index");
+                format!("model.layers.{}.{tail}", map[i])
+            }
+            None => name.clone(),
+        };
+        let t = st
+            .load(&src, device)
+            .map_err(|e| Error::file(&files[0], format!("teacher tensor {src}: {e}")))?
+            .to_dtype(DType::F32)?;
+        var.set(&t)?;
+    }
+    Ok(())
+}

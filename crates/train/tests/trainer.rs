@@ -1,0 +1,399 @@
+//! The trainer on a tiny random teacher and synthetic tokens: the loss falls, every student Var
+//! gets a gradient, resume is bit-identical, and the guards refuse what they should.
+
+use candle_core::{Device, Tensor};
+use distill_core::testing::{tiny_config, write_tiny_model_dir, write_tiny_tokens};
+use distill_teacher::cache::{build_cache, CacheOptions};
+use distill_train::config::RunConfig;
+use distill_train::trainer::{train, RunOptions};
+use std::path::{Path, PathBuf};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+fn fixture(with_cache: bool) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    write_tiny_model_dir(&root.join("teacher"), &tiny_config(), 11).unwrap();
+    write_tiny_tokens(&root.join("tokens"), 8, 32, 16, 5).unwrap();
+    if with_cache {
+        let teacher = distill_teacher::Teacher::load(&root.join("teacher"), &Device::Cpu).unwrap();
+        let hash = distill_core::weights::model_hash(&root.join("teacher")).unwrap();
+        let opts = CacheOptions {
+            top_k: 16,
+            ..Default::default()
+        };
+        build_cache(
+            &teacher,
+            &hash,
+            &root.join("tokens"),
+            &root.join("cache"),
+            &opts,
+            |_, _| {},
+        )
+        .unwrap();
+    }
+    Fixture { _dir: dir, root }
+}
+
+/// configs/tiny.toml pointed at the fixture, with overrides.
+fn config(f: &Fixture, cache: bool, sets: &[&str]) -> RunConfig {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    let mut all = vec![
+        format!("teacher.model=\"{}\"", f.root.join("teacher").display()),
+        format!("data.tokens=\"{}\"", f.root.join("tokens").display()),
+    ];
+    if cache {
+        all.push(format!("data.cache=\"{}\"", f.root.join("cache").display()));
+    }
+    all.extend(sets.iter().map(|s| s.to_string()));
+    RunConfig::load(&tiny, &all).unwrap()
+}
+
+fn run(
+    cfg: RunConfig,
+    out: &Path,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> distill_core::Result<()> {
+    let opts = RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        ignore_memory_plan: false,
+        stop_after,
+    };
+    train(cfg, &opts, |_| {}).map(|_| ())
+}
+
+fn metrics(run: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    metrics(run, "train")
+        .iter()
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn loss_falls_with_a_cache_and_online() {
+    let f = fixture(true);
+    for (name, cache, sets) in [
+        ("cached", true, vec![]),
+        ("online-dense", false, vec![]),
+        (
+            "online-sparse",
+            false,
+            vec!["teacher.top_k=16", "loss.kind=\"jsd\"", "loss.beta=0.5"],
+        ),
+    ] {
+        let out = f.root.join(name);
+        let mut s = vec!["train.max_steps=40"];
+        s.extend(sets);
+        run(config(&f, cache, &s), &out, false, None).unwrap();
+        let l = losses(&out);
+        assert_eq!(l.len(), 40);
+        let first: f64 = l[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
+        let last: f64 = l[35..].iter().map(|x| x.1).sum::<f64>() / 5.0;
+        assert!(last < 0.7 * first, "{name}: loss {first} → {last}");
+        let evals = metrics(&out, "eval");
+        assert!(!evals.is_empty(), "{name}");
+        let e = evals.last().unwrap();
+        assert!(
+            e["perplexity"].as_f64().unwrap() > 1.0 && e["kl_to_teacher"].as_f64().unwrap() >= 0.0
+        );
+        // The final student is a complete HF dir that loads.
+        let (m, c) = distill_core::load_model(&out.join("final"), &Device::Cpu).unwrap();
+        assert_eq!(c.num_hidden_layers, 2);
+        assert_eq!(m.config().vocab_size, tiny_config().vocab_size);
+        for file in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ] {
+            assert!(out.join("final").join(file).exists(), "{name}: {file}");
+        }
+    }
+}
+
+#[test]
+fn every_student_var_receives_a_gradient() {
+    use distill_train::loss::{distill_loss, next_token_labels};
+    let f = fixture(false);
+    let cfg = config(
+        &f,
+        false,
+        &[
+            "student.preset=\"4l-256\"",
+            "student.hidden=64",
+            "student.intermediate=96",
+        ],
+    );
+    let teacher_cfg = distill_core::Config::from_file(f.root.join("teacher/config.json")).unwrap();
+    let (student, varmap, _) = distill_train::student::build_student(
+        &cfg.teacher.model,
+        &teacher_cfg,
+        &cfg.student,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (teacher, _) = distill_core::load_model(&f.root.join("teacher"), &Device::Cpu).unwrap();
+    let shards = distill_core::shards::TokenShards::open(&f.root.join("tokens"), "train").unwrap();
+    let ids: Vec<u32> = (0..2).flat_map(|i| shards.sequence(i)).collect();
+    let input = Tensor::from_vec(ids.clone(), (2, 32), &Device::Cpu).unwrap();
+    let targets = distill_core::TeacherTargets::Dense {
+        logits: teacher.forward(&input).unwrap(),
+    };
+    let loss_cfg = cfg.loss.to_config(None).unwrap();
+    let parts = distill_loss(
+        &student.forward(&input).unwrap(),
+        &targets,
+        &next_token_labels(&ids, 2, 32),
+        &loss_cfg,
+    )
+    .unwrap();
+    let grads = parts.total.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    assert!(data.len() > 10);
+    for (name, var) in data.iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} got no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: grad norm² {norm}");
+    }
+}
+
+#[test]
+fn teacher_layers_init_copies_the_chosen_layers() {
+    let f = fixture(false);
+    let cfg = config(
+        &f,
+        false,
+        &[
+            "student.preset=\"tiny\"",
+            "student.init=\"teacher-layers\"",
+            "student.layers=1",
+            "student.teacher_layers=[1]",
+        ],
+    );
+    let tdir = f.root.join("teacher");
+    let teacher_cfg = distill_core::Config::from_file(tdir.join("config.json")).unwrap();
+    let (_, varmap, scfg) =
+        distill_train::student::build_student(&tdir, &teacher_cfg, &cfg.student, &Device::Cpu)
+            .unwrap();
+    assert_eq!(scfg.num_hidden_layers, 1);
+    let st = candle_core::safetensors::load(tdir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let data = varmap.data().lock().unwrap();
+    for (s_name, t_name) in [
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+        ),
+        (
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        ),
+        ("model.embed_tokens.weight", "model.embed_tokens.weight"),
+        ("model.norm.weight", "model.norm.weight"),
+    ] {
+        let d = distill_core::testing::max_abs_diff(data[s_name].as_tensor(), &st[t_name]);
+        assert_eq!(d, 0.0, "{s_name} ← {t_name}");
+    }
+    drop(data);
+    // A width that differs from the teacher's is refused.
+    let bad = config(
+        &f,
+        false,
+        &[
+            "student.init=\"teacher-layers\"",
+            "student.hidden=64",
+            "student.layers=1",
+            "student.heads=4",
+            "student.intermediate=128",
+        ],
+    );
+    let err =
+        distill_train::student::build_student(&tdir, &teacher_cfg, &bad.student, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(err.contains("teacher's width"), "{err}");
+}
+
+#[test]
+fn resume_continues_bit_identically() {
+    let f = fixture(true);
+    let sets = [
+        "train.max_steps=12",
+        "train.checkpoint_every=100",
+        "train.eval_every=5",
+        "train.grad_accum=2",
+    ];
+    let straight = f.root.join("straight");
+    run(config(&f, true, &sets), &straight, false, None).unwrap();
+    let halves = f.root.join("halves");
+    run(config(&f, true, &sets), &halves, false, Some(6)).unwrap();
+    assert!(halves.join("step-6").exists() && !halves.join("final").exists());
+    run(config(&f, true, &sets), &halves, true, None).unwrap();
+    assert_eq!(losses(&straight), losses(&halves));
+    assert_eq!(
+        std::fs::read(straight.join("final/model.safetensors")).unwrap(),
+        std::fs::read(halves.join("final/model.safetensors")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(straight.join("final/optimizer.safetensors")).unwrap(),
+        std::fs::read(halves.join("final/optimizer.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn checkpoints_keep_the_last_k_and_the_best() {
+    let f = fixture(true);
+    let out = f.root.join("run");
+    run(
+        config(
+            &f,
+            true,
+            &[
+                "train.max_steps=20",
+                "train.checkpoint_every=2",
+                "train.keep_checkpoints=2",
+                "train.eval_every=2",
+            ],
+        ),
+        &out,
+        false,
+        None,
+    )
+    .unwrap();
+    let steps: Vec<u64> = distill_train::trainer::checkpoints(&out)
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert!(steps.ends_with(&[18, 20]), "{steps:?}");
+    assert!(steps.len() <= 3, "{steps:?}");
+    // A second run into the same dir without --resume is refused.
+    let err = run(config(&f, true, &[]), &out, false, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--resume"), "{err}");
+}
+
+#[test]
+fn guards_refuse_what_they_should() {
+    let f = fixture(true);
+    // Non-finite loss: stops naming the step, the last checkpoint untouched.
+    let out = f.root.join("nan");
+    let sets = [
+        "train.max_steps=30",
+        "train.lr=1e30",
+        "train.min_lr=1e30",
+        "train.warmup_steps=0",
+        "train.grad_clip=0.0",
+        "train.checkpoint_every=1",
+        "train.eval_every=0",
+    ];
+    let err = run(config(&f, true, &sets), &out, false, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("step ") && err.contains("non-finite") && err.contains("last good checkpoint"),
+        "{err}"
+    );
+    let last = distill_train::trainer::checkpoints(&out).pop().unwrap().1;
+    distill_core::load_model(&last, &Device::Cpu).unwrap();
+
+    // Vocabularies: padding is accepted, anything else refused naming both.
+    let v = tiny_config().vocab_size;
+    run(
+        config(
+            &f,
+            false,
+            &[
+                &format!("student.vocab_size={}", v + 6),
+                "train.max_steps=2",
+            ],
+        ),
+        &f.root.join("padded"),
+        false,
+        None,
+    )
+    .unwrap();
+    let err = run(
+        config(&f, false, &["student.vocab_size=100", "train.max_steps=2"]),
+        &f.root.join("v100"),
+        false,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("(100)") && err.contains(&format!("({v})")),
+        "{err}"
+    );
+
+    // A cache built by another teacher.
+    write_tiny_model_dir(&f.root.join("teacher2"), &tiny_config(), 12).unwrap();
+    let mut cfg = config(&f, true, &[]);
+    cfg.teacher.model = f.root.join("teacher2");
+    let err = run(cfg, &f.root.join("other-teacher"), false, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("another teacher"), "{err}");
+
+    // A plan beyond the machine's memory.
+    let err = run(
+        config(&f, true, &["train.batch_size=100000000"]),
+        &f.root.join("huge"),
+        false,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("GB are available") && err.contains("grad_accum"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_with_an_unknown_key_is_refused_naming_it() {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    let err = RunConfig::load(&tiny, &["train.learning_rate=1e-3".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tiny.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
+    let err = RunConfig::load(&tiny, &["loss.kind=\"kl\"".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loss.kind"), "{err}");
+    // Every committed config parses.
+    for c in ["tiny.toml", "smollm2-student.toml"] {
+        RunConfig::load(&tiny.with_file_name(c), &[]).unwrap();
+    }
+}
