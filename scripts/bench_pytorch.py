@@ -4,9 +4,10 @@ dir, so BENCHMARKS.md can give ratios measured in one session on one machine.
 
 Run with:
   python3 scripts/bench_pytorch.py teacher --model models/smollm2-135m-instruct [--batch 8] [--seq-len 256]
+  python3 scripts/bench_pytorch.py train [--top-k 0|64] [--temperature 2] [--batch 8] [--seq-len 256]
 
 Needs torch and transformers (pip install torch transformers). f32, 2 threads unless --threads.
-Prints one JSON object with the same keys as `distill bench teacher --json`.
+Prints one JSON object with the same keys as `distill bench teacher|train --json`.
 """
 import argparse
 import json
@@ -54,6 +55,78 @@ def bench_teacher(args):
     }
 
 
+def bench_train(args):
+    """Full training steps of a transformers LlamaForCausalLM student: forward, the same KD loss
+    (forward KL at temperature tau, tau^2-scaled, mean over tokens; dense or top-k + tail bucket
+    targets as in distill_train::loss), backward, grad-norm clipping, AdamW."""
+    import math
+    import resource
+
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, tie_word_embeddings=True,
+                      max_position_embeddings=max(2048, args.seq_len))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    b, t, v, tau = args.batch, args.seq_len, args.vocab, args.temperature
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    labels_mask = torch.ones(b, t)
+    labels_mask[:, -1] = 0  # the last position has no next token
+    teacher = torch.randn(b, t, v, generator=g) * 4.0
+    if args.top_k:
+        lpt = torch.log_softmax(teacher, -1)
+        top = lpt.topk(args.top_k, -1)
+        kid, klp, lse = top.indices, top.values, torch.logsumexp(teacher, -1)
+        del teacher, lpt
+        tail = (1 - klp.exp().sum(-1)).clamp(min=0)
+        nt = v - args.top_k
+        lg = torch.cat([(klp + lse[..., None]) / tau,
+                        (math.log(nt) + (torch.log(tail / nt) + lse) / tau)[..., None]], -1)
+        logp_b = lg - torch.logsumexp(lg, -1, keepdim=True)
+
+    def step():
+        logits = model(ids).logits
+        logq = torch.log_softmax(logits / tau, -1)
+        if args.top_k:
+            kept = logq.gather(-1, kid)
+            qt = torch.log((1 - kept.exp().sum(-1)).clamp(min=1e-30))
+            logq_b = torch.cat([kept, qt[..., None]], -1)
+            kd = (logp_b.exp() * (logp_b - logq_b)).sum(-1)
+        else:
+            kd = F.kl_div(logq, torch.log_softmax(teacher / tau, -1), log_target=True, reduction="none").sum(-1)
+        loss = (kd * labels_mask).sum() / labels_mask.sum() * tau * tau
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    secs = time.perf_counter() - start
+    return {
+        "tokens_per_second": args.steps * b * t / secs,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "batch": b,
+        "seq_len": t,
+        "loss_kind": f"forward_kl τ={tau:g}",
+        "targets": f"sparse k={args.top_k}" if args.top_k else "dense",
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "peer": f"torch {torch.__version__}",
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -63,11 +136,24 @@ def main():
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--iters", type=int, default=3)
     t.add_argument("--decode-tokens", type=int, default=64)
+    tr = sub.add_parser("train")
+    tr.add_argument("--layers", type=int, default=4)
+    tr.add_argument("--hidden", type=int, default=256)
+    tr.add_argument("--heads", type=int, default=4)
+    tr.add_argument("--intermediate", type=int, default=768)
+    tr.add_argument("--vocab", type=int, default=49152)
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--seq-len", type=int, default=256)
+    tr.add_argument("--temperature", type=float, default=2.0)
+    tr.add_argument("--top-k", type=int, default=0)
+    tr.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "teacher":
         print(json.dumps(bench_teacher(args)))
+    elif args.what == "train":
+        print(json.dumps(bench_train(args)))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ enum BenchCommand {
     Teacher(BenchTeacherArgs),
     /// Teacher-cache throughput as a ratio of the bare teacher forward on the same batches.
     Cache(cache_cmd::BenchCacheArgs),
+    /// Student training tokens/s and peak RSS (forward, KD loss, backward, AdamW).
+    Train(train_cmd::BenchTrainArgs),
 }
 
 #[derive(Args)]
@@ -181,6 +183,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cache(a) => cache_cmd::cache(a),
         Command::Train(a) => train_cmd::run(a),
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
+        Command::Bench(BenchCommand::Train(a)) => train_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),
     }
 }

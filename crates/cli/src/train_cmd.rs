@@ -128,3 +128,63 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 768)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 49152)]
+    vocab: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 2.0)]
+    temperature: f32,
+    /// 0: dense targets (full-vocabulary teacher logits); k: top-k sparse targets.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Timed steps (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: crate::DeviceArg,
+}
+
+pub fn bench(a: BenchTrainArgs) -> Result<()> {
+    use distill_train::bench::{bench_train, TrainBenchOptions};
+    let device = distill_core::parse_device(&a.device.device)?;
+    let o = TrainBenchOptions {
+        layers: a.layers,
+        hidden: a.hidden,
+        heads: a.heads,
+        intermediate: a.intermediate,
+        vocab: a.vocab,
+        batch: a.batch,
+        seq_len: a.seq_len,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        steps: a.steps,
+    };
+    let r = bench_train(&o, &device)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "train {}L/{}/{}H/{} vocab {} ({:.1}M params), {}, {} targets, batch {} × {}: {:.1} tok/s, peak RSS {:.0} MB, {} threads on {}",
+            a.layers, a.hidden, a.heads, a.intermediate, a.vocab,
+            r.params as f64 / 1e6, r.loss_kind, r.targets, r.batch, r.seq_len,
+            r.tokens_per_second, r.peak_rss_bytes as f64 / 1e6, r.threads, r.device
+        );
+    }
+    Ok(())
+}

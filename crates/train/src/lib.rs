@@ -2,6 +2,7 @@
 //! backward), AdamW with saveable state, the LR schedule, student construction, the trainer with
 //! checkpoints and exact resume.
 
+pub mod bench;
 pub mod config;
 pub mod loss;
 pub mod optim;

@@ -150,6 +150,8 @@ struct Setup {
     train: TokenShards,
     valid: Option<TokenShards>,
     targets: Targets,
+    /// A live teacher for evaluation when the cache does not cover the validation split.
+    eval_teacher: Option<CausalLm>,
     /// Sequences of the train split that can be used (a cache may cover a prefix).
     train_limit: usize,
     loss: LossConfig,
@@ -209,7 +211,16 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
         ));
     }
     let loss = cfg.loss.to_config(Some(teacher_vocab))?;
+    let eval_teacher = match (&targets, &valid) {
+        (Targets::Cache(c), Some(_))
+            if cfg.train.eval_every > 0 && c.sequences("valid") < cfg.train.eval_sequences =>
+        {
+            Some(distill_core::load_model(tdir, &device)?.0)
+        }
+        _ => None,
+    };
     Ok(Setup {
+        eval_teacher,
         cfg,
         device,
         teacher_cfg,
@@ -302,9 +313,9 @@ impl Setup {
         let Some(valid) = &self.valid else {
             return Ok(None);
         };
-        let covered = match &self.targets {
-            Targets::Cache(c) => c.sequences("valid"),
-            Targets::Live { .. } => valid.len(),
+        let covered = match (&self.targets, &self.eval_teacher) {
+            (_, Some(_)) | (Targets::Live { .. }, _) => valid.len(),
+            (Targets::Cache(c), None) => c.sequences("valid"),
         };
         let n = self.cfg.train.eval_sequences.min(covered);
         if n == 0 {
@@ -322,7 +333,12 @@ impl Setup {
         for start in (0..n).step_by(b) {
             let seqs: Vec<usize> = (start..(start + b).min(n)).collect();
             let (ids, input) = self.batch(valid, &seqs)?;
-            let targets = self.targets("valid", &seqs, &input)?;
+            let targets = match &self.eval_teacher {
+                Some(t) => TeacherTargets::Dense {
+                    logits: t.forward(&input)?,
+                },
+                None => self.targets("valid", &seqs, &input)?,
+            };
             let logits = student.forward(&input)?.detach();
             let labels = next_token_labels(&ids, seqs.len(), valid.seq_len());
             let parts = distill_loss(&logits, &targets, &labels, &cfg)?;
@@ -492,6 +508,22 @@ pub fn train(
     }
 
     let metrics_path = run.join("metrics.jsonl");
+    if opts.resume && metrics_path.exists() {
+        // Records written after the checkpoint (by a run that was killed) are dropped: the
+        // resumed run writes them again, identically.
+        let text = read_text(&metrics_path)?;
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|st| st <= state.step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&metrics_path, kept.as_bytes())?;
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

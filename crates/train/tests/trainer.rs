@@ -397,3 +397,35 @@ fn config_with_an_unknown_key_is_refused_naming_it() {
         RunConfig::load(&tiny.with_file_name(c), &[]).unwrap();
     }
 }
+
+#[test]
+fn a_cache_without_the_valid_split_evaluates_with_the_live_teacher() {
+    let f = fixture(false);
+    let teacher = distill_teacher::Teacher::load(&f.root.join("teacher"), &Device::Cpu).unwrap();
+    let hash = distill_core::weights::model_hash(&f.root.join("teacher")).unwrap();
+    let opts = CacheOptions {
+        top_k: 16,
+        splits: vec!["train".into()],
+        ..Default::default()
+    };
+    build_cache(
+        &teacher,
+        &hash,
+        &f.root.join("tokens"),
+        &f.root.join("cache"),
+        &opts,
+        |_, _| {},
+    )
+    .unwrap();
+    let out = f.root.join("run");
+    run(
+        config(&f, true, &["train.max_steps=4", "train.eval_every=2"]),
+        &out,
+        false,
+        None,
+    )
+    .unwrap();
+    let evals = metrics(&out, "eval");
+    assert_eq!(evals.len(), 2);
+    assert!(evals[1]["kl_to_teacher"].as_f64().unwrap() > 0.0);
+}

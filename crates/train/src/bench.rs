@@ -1,0 +1,161 @@
+//! `distill bench train`: trained tokens/s and peak RSS of full training steps (student forward,
+//! KD loss, backward, grad norm + clipping, AdamW) on a fixed batch with fixed teacher targets,
+//! so that only the student's training is timed. Not part of the test suite; the PyTorch peer is
+//! `scripts/bench_pytorch.py train`.
+
+use crate::loss::{distill_loss, next_token_labels, KdKind, LossConfig};
+use crate::optim::{clip_grads, grad_norm, AdamW, AdamWConfig};
+use candle_core::{Device, Tensor};
+use distill_core::{CausalLm, Config, Result, TeacherTargets};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct TrainBenchOptions {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub temperature: f32,
+    /// 0 = dense targets (full-vocabulary teacher logits), else top-k sparse targets.
+    pub top_k: usize,
+    pub steps: usize,
+}
+
+impl Default for TrainBenchOptions {
+    fn default() -> Self {
+        Self {
+            layers: 4,
+            hidden: 256,
+            heads: 4,
+            intermediate: 768,
+            vocab: 49152,
+            batch: 8,
+            seq_len: 256,
+            temperature: 2.0,
+            top_k: 0,
+            steps: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBench {
+    pub tokens_per_second: f64,
+    pub peak_rss_bytes: u64,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub loss_kind: String,
+    pub targets: String,
+    pub params: usize,
+    pub steps: usize,
+    pub threads: usize,
+    pub device: String,
+}
+
+/// Seeded normal(0, σ) values (candle's CPU RNG cannot be seeded).
+fn randn(n: usize, std: f32, seed: u64) -> Vec<f32> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let d = rand_distr::Normal::new(0f32, std).expect("valid std");
+    (0..n).map(|_| d.sample(&mut rng)).collect()
+}
+
+pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench> {
+    let cfg = Config {
+        vocab_size: o.vocab,
+        hidden_size: o.hidden,
+        intermediate_size: o.intermediate,
+        num_hidden_layers: o.layers,
+        num_attention_heads: o.heads,
+        num_key_value_heads: o.heads,
+        head_dim: o.hidden / o.heads,
+        tie_word_embeddings: true,
+        ..Config::tiny()
+    };
+    let (student, varmap) = CausalLm::init_seeded(&cfg, 0, device)?;
+    let mut opt = AdamW::new(&varmap, AdamWConfig::default())?;
+    let (b, t, v) = (o.batch, o.seq_len, o.vocab);
+    let ids: Vec<u32> = {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        (0..b * t).map(|_| rng.random_range(0..v as u32)).collect()
+    };
+    let input = Tensor::from_vec(ids.clone(), (b, t), device)?;
+    let labels = next_token_labels(&ids, b, t);
+    let teacher_logits = randn(b * t * v, 4.0, 2);
+    let targets = if o.top_k == 0 {
+        TeacherTargets::Dense {
+            logits: Tensor::from_vec(teacher_logits, (b, t, v), device)?,
+        }
+    } else {
+        let k = o.top_k;
+        let (mut kid, mut klp, mut lse) = (vec![0u32; b * t * k], vec![0f32; b * t * k], vec![]);
+        for r in 0..b * t {
+            lse.push(distill_core::cache::row_topk(
+                &teacher_logits[r * v..(r + 1) * v],
+                &mut kid[r * k..(r + 1) * k],
+                &mut klp[r * k..(r + 1) * k],
+            ));
+        }
+        drop(teacher_logits);
+        TeacherTargets::Sparse {
+            ids: Tensor::from_vec(kid, (b, t, k), device)?,
+            logprobs: Tensor::from_vec(klp, (b, t, k), device)?,
+            logsumexp: Tensor::from_vec(lse, (b, t), device)?,
+        }
+    };
+    let loss_cfg = LossConfig {
+        kind: KdKind::ForwardKl,
+        temperature: o.temperature,
+        alpha_kd: 1.0,
+        alpha_ce: 0.0,
+        teacher_vocab: None,
+    };
+    let step = |opt: &mut AdamW| -> Result<f32> {
+        let logits = student.forward(&input)?;
+        let parts = distill_loss(&logits, &targets, &labels, &loss_cfg)?;
+        let g = parts.total.backward()?;
+        let mut grads: HashMap<String, Tensor> = opt
+            .vars()
+            .map(|(n, var)| {
+                (
+                    n.to_string(),
+                    g.get(var.as_tensor()).cloned().expect("gradient"),
+                )
+            })
+            .collect();
+        drop(g);
+        let norm = grad_norm(&grads)?;
+        clip_grads(&mut grads, norm, 1.0)?;
+        opt.step(&grads, 1e-3)?;
+        Ok(parts.kd)
+    };
+    step(&mut opt)?; // warm-up
+    let start = Instant::now();
+    for _ in 0..o.steps {
+        step(&mut opt)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(TrainBench {
+        tokens_per_second: (o.steps * b * t) as f64 / secs,
+        peak_rss_bytes: distill_core::device::peak_rss_bytes().unwrap_or(0),
+        batch: b,
+        seq_len: t,
+        loss_kind: format!("forward_kl τ={}", o.temperature),
+        targets: if o.top_k == 0 {
+            "dense".into()
+        } else {
+            format!("sparse k={}", o.top_k)
+        },
+        params: cfg.num_params(),
+        steps: o.steps,
+        threads: distill_core::device::cpu_threads(),
+        device: distill_core::device::device_name(device),
+    })
+}
