@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 mod cache_cmd;
+mod eval_cmd;
 mod progress;
 mod train_cmd;
 
@@ -39,6 +40,8 @@ enum Command {
     Cache(cache_cmd::CacheArgs),
     /// Distil a student from the teacher (cache or online) with a KD loss; checkpoints, resume.
     Train(train_cmd::TrainArgs),
+    /// Evaluate teacher and students in one pass: perplexity, bits/byte, KL, agreement, ECE, speed.
+    Eval(eval_cmd::EvalArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -182,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prepare(a) => prepare(a),
         Command::Cache(a) => cache_cmd::cache(a),
         Command::Train(a) => train_cmd::run(a),
+        Command::Eval(a) => eval_cmd::run(a),
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Train(a)) => train_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),

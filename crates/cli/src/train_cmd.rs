@@ -93,7 +93,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 "loss {:.4} lr {:.2e} {:.0} tok/s",
                 m.loss, m.lr, m.tokens_per_second
             ));
-            if !tty && m.step % log_every == 0 {
+            if !tty && m.step.is_multiple_of(log_every) {
                 eprintln!(
                     "step {} loss {:.4} (kd {:.4}, ce {:.4}) lr {:.2e} grad-norm {:.3} {:.0} tok/s",
                     m.step, m.loss, m.kd, m.ce, m.lr, m.grad_norm, m.tokens_per_second

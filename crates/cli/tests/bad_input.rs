@@ -357,3 +357,74 @@ fn cache_runs_resumes_and_refuses_bad_inputs() {
     ]);
     check_failure(code, &err, &["empty", "not a teacher cache"]);
 }
+
+#[test]
+fn eval_reports_and_refuses_bad_inputs() {
+    use distill_core::testing::write_tiny_tokens;
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let tokens = dir.path().join("tokens");
+    write_tiny_tokens(&tokens, 4, 16, 4, 1).unwrap();
+    let out = dir.path().join("report");
+    let (m_s, t_s, o_s) = (
+        m.to_str().unwrap(),
+        tokens.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let (code, stdout, err) = distill(&[
+        "eval",
+        "--teacher",
+        m_s,
+        "--student",
+        m_s,
+        "--tokens",
+        t_s,
+        "--out",
+        o_s,
+        "--no-speed",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("| model |") && stdout.contains("(teacher)"),
+        "{stdout}"
+    );
+    assert!(out.join("report.json").exists() && out.join("perplexity_vs_params.png").exists());
+
+    let missing = dir.path().join("missing");
+    let (code, _, err) = distill(&[
+        "eval",
+        "--teacher",
+        m_s,
+        "--student",
+        missing.to_str().unwrap(),
+        "--tokens",
+        t_s,
+        "--no-speed",
+    ]);
+    check_failure(code, &err, &["missing", "model dir does not exist"]);
+    let (code, _, err) = distill(&[
+        "eval",
+        "--teacher",
+        m_s,
+        "--student",
+        m_s,
+        "--tokens",
+        m_s,
+        "--no-speed",
+    ]);
+    check_failure(code, &err, &["not a token shards dir"]);
+    let (code, _, err) = distill(&[
+        "eval",
+        "--teacher",
+        m_s,
+        "--student",
+        m_s,
+        "--tokens",
+        t_s,
+        "--prompts",
+        "/nonexistent/p.txt",
+    ]);
+    check_failure(code, &err, &["/nonexistent/p.txt", "does not exist"]);
+}

@@ -296,7 +296,8 @@ pub fn row_topk(row: &[f32], ids: &mut [u32], logprobs: &mut [f32]) -> f32 {
     let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
     for (i, &x) in row.iter().enumerate() {
         if best.len() == k {
-            if !(x > best[k - 1].0) {
+            // (NaN never enters: it compares false.)
+            if x.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater) {
                 continue;
             }
             best.pop();

@@ -25,7 +25,8 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
     /// A tensor operation failed; these are bugs or resource exhaustion, not user errors.
-    #[error("tensor error: {0}")]
+    /// (Only the first line: candle appends a backtrace when RUST_BACKTRACE is set.)
+    #[error("tensor error: {}", one_line(&.0.to_string()))]
     Candle(#[from] candle_core::Error),
     /// Anything else with a message.
     #[error("{0}")]

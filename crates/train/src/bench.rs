@@ -76,6 +76,7 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         num_key_value_heads: o.heads,
         head_dim: o.hidden / o.heads,
         tie_word_embeddings: true,
+        max_position_embeddings: o.seq_len.max(2048),
         ..Config::tiny()
     };
     let (student, varmap) = CausalLm::init_seeded(&cfg, 0, device)?;

@@ -130,7 +130,7 @@ impl LossSection {
             }
         };
         kind.validate()?;
-        if !(self.temperature > 0.0) {
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
             return Err(Error::Msg(format!(
                 "loss.temperature = {}: must be > 0",
                 self.temperature
@@ -246,7 +246,7 @@ impl RunConfig {
         if t.batch_size == 0 || t.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be ≥ 1".into());
         }
-        if !(t.lr > 0.0) || t.min_lr < 0.0 || t.min_lr > t.lr {
+        if t.lr.is_nan() || t.lr <= 0.0 || t.min_lr < 0.0 || t.min_lr > t.lr {
             return Err(format!(
                 "train.lr = {} / train.min_lr = {}: need 0 ≤ min_lr ≤ lr, lr > 0",
                 t.lr, t.min_lr

@@ -611,13 +611,13 @@ pub fn train(
             elapsed: state.elapsed_seconds,
         };
         on_event(Event::Step(&m));
-        if step % t.log_every.max(1) == 0 || step == t.max_steps {
+        if step.is_multiple_of(t.log_every.max(1)) || step == t.max_steps {
             log(&m)?;
             window_tokens = 0;
             window_start = Instant::now();
         }
         let is_last = step == t.max_steps;
-        if (t.eval_every > 0 && step % t.eval_every == 0) || is_last {
+        if (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || is_last {
             if let Some(e) = s.evaluate(&student, step, state.tokens)? {
                 log(&e)?;
                 on_event(Event::Eval(&e));
@@ -631,7 +631,7 @@ pub fn train(
             window_tokens = 0;
         }
         let stop = opts.stop_after == Some(step);
-        if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last || stop {
+        if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every)) || is_last || stop {
             let dir = run.join(format!("step-{step}"));
             save_checkpoint(&dir, &scfg, &varmap, &opt, &state, &s.tokenizer)?;
             on_event(Event::Checkpoint(&dir));

@@ -1,0 +1,363 @@
+//! distill-eval: how close is a student to its teacher, at what cost — one pass over validation
+//! token shards that runs the teacher once and every model on the same batches, then a report
+//! (markdown, JSON, PNG plots).
+
+pub mod metrics;
+pub mod report;
+
+use candle_core::{DType, Device, Tensor};
+use distill_core::shards::TokenShards;
+use distill_core::{CausalLm, Config, Error, Result, Tokenizer};
+use metrics::{add_row, summarize, Accumulator};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Stop after this many predicted tokens (0 = the whole split).
+    pub max_tokens: usize,
+    /// Sequences per forward.
+    pub batch_size: usize,
+    pub split: String,
+    /// Prompts for side-by-side greedy generations.
+    pub prompts: Vec<String>,
+    pub max_new_tokens: usize,
+    /// Measure prefill and decode speed (a few seconds per model).
+    pub speed: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16_384,
+            batch_size: 4,
+            split: "valid".into(),
+            prompts: Vec::new(),
+            max_new_tokens: 32,
+            speed: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    pub name: String,
+    pub path: PathBuf,
+    pub is_teacher: bool,
+    pub params: usize,
+    pub non_embedding_params: usize,
+    pub size_on_disk_bytes: u64,
+    pub layers: usize,
+    pub hidden: usize,
+    pub vocab_size: usize,
+    pub perplexity: f64,
+    pub cross_entropy: f64,
+    pub bits_per_byte: f64,
+    pub tokens: u64,
+    /// Teacher-relative metrics; `None` for a model with another tokenizer (see `note`).
+    pub kl_to_teacher: Option<f64>,
+    pub top1_agreement: Option<f64>,
+    pub top5_agreement: Option<f64>,
+    pub ece: f64,
+    pub prefill_tokens_per_second: Option<f64>,
+    pub decode_tokens_per_second: Option<f64>,
+    /// Prefill speed relative to the teacher's.
+    pub speedup: Option<f64>,
+    /// The training step, for a checkpoint dir named `step-N` (or `final`) inside a run.
+    pub step: Option<u64>,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt: String,
+    /// (model name, completion).
+    pub completions: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tokens_dir: PathBuf,
+    pub split: String,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub device: String,
+    pub threads: usize,
+    pub models: Vec<ModelReport>,
+    pub generations: Vec<Generation>,
+}
+
+struct Loaded {
+    name: String,
+    dir: PathBuf,
+    model: CausalLm,
+    cfg: Config,
+    tokenizer: Tokenizer,
+    same_tokenizer: bool,
+    acc: Accumulator,
+}
+
+/// A short, unique-enough display name: the dir name, with its parent for checkpoint dirs.
+pub fn model_name(dir: &Path) -> String {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string());
+    let is_ckpt = name == "final" || name.starts_with("step-");
+    match (is_ckpt, dir.parent().and_then(|p| p.file_name())) {
+        (true, Some(run)) => format!("{}/{name}", run.to_string_lossy()),
+        _ => name,
+    }
+}
+
+/// The step of a checkpoint dir (`step-N`, or `final` from its trainer_state.json).
+pub fn checkpoint_step(dir: &Path) -> Option<u64> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    if let Some(n) = name.strip_prefix("step-") {
+        return n.parse().ok();
+    }
+    let state = std::fs::read_to_string(dir.join("trainer_state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&state).ok()?["step"].as_u64()
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    distill_core::weights::safetensors_files(dir)
+        .map(|fs| {
+            fs.iter()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn load(dir: &Path, device: &Device, teacher_tok: Option<&Tokenizer>) -> Result<Loaded> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "model dir does not exist"));
+    }
+    let (model, cfg) = distill_core::load_model(dir, device)?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let same = teacher_tok.is_none_or(|t| t.hash() == tokenizer.hash());
+    Ok(Loaded {
+        name: model_name(dir),
+        dir: dir.to_path_buf(),
+        model,
+        cfg,
+        tokenizer,
+        same_tokenizer: same,
+        acc: Accumulator::new(),
+    })
+}
+
+/// Logits of a batch as host f32 rows (B·T rows of V).
+fn logits_rows(model: &CausalLm, ids: &Tensor) -> Result<(Vec<f32>, usize)> {
+    let logits = model.forward(ids)?;
+    let v = logits.dim(2)?;
+    Ok((
+        logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+        v,
+    ))
+}
+
+/// Evaluates the teacher and every student on the same batches of `tokens_dir`'s split.
+pub fn evaluate(
+    teacher_dir: &Path,
+    students: &[PathBuf],
+    tokens_dir: &Path,
+    opts: &EvalOptions,
+    device: &Device,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Report> {
+    let shards = TokenShards::open(tokens_dir, &opts.split)?;
+    let mut teacher = load(teacher_dir, device, None)?;
+    if shards.meta.tokenizer_hash != teacher.tokenizer.hash() {
+        return Err(Error::file(
+            tokens_dir.join(distill_core::shards::META_FILE),
+            format!(
+                "token shards were made with another tokenizer than the teacher's ({})",
+                teacher_dir.display()
+            ),
+        ));
+    }
+    let mut models = Vec::new();
+    for s in students {
+        models.push(load(s, device, Some(&teacher.tokenizer))?);
+    }
+    let t = shards.seq_len();
+    let per_seq = (t - 1) as u64;
+    let n_seqs = if opts.max_tokens == 0 {
+        shards.len()
+    } else {
+        (opts.max_tokens as u64)
+            .div_ceil(per_seq)
+            .min(shards.len() as u64) as usize
+    };
+    let total = n_seqs as u64 * per_seq;
+    let mut bytes = 0u64;
+    let mut done = 0u64;
+    progress(0, total);
+    for b0 in (0..n_seqs).step_by(opts.batch_size.max(1)) {
+        let seqs: Vec<usize> = (b0..(b0 + opts.batch_size.max(1)).min(n_seqs)).collect();
+        let ids: Vec<u32> = seqs.iter().flat_map(|&i| shards.sequence(i)).collect();
+        let b = seqs.len();
+        // Labels: position i predicts token i+1; the last position of each sequence is skipped.
+        let rows: Vec<(usize, u32)> = (0..b)
+            .flat_map(|s| (0..t - 1).map(move |i| (s * t + i, 0u32)))
+            .map(|(r, _)| (r, ids[r + 1]))
+            .collect();
+        for s in 0..b {
+            let text = teacher
+                .tokenizer
+                .decode(&ids[s * t + 1..(s + 1) * t], true)?;
+            bytes += text.len() as u64;
+        }
+        let input = Tensor::from_vec(ids.clone(), (b, t), device)?;
+        let (tl, tv) = logits_rows(&teacher.model, &input)?;
+        let summaries: Vec<metrics::RowSummary> = rows
+            .par_iter()
+            .map(|&(r, _)| summarize(&tl[r * tv..(r + 1) * tv]))
+            .collect();
+        let row_acc = |logits: &[f32], v: usize, with_teacher: bool| -> Accumulator {
+            rows.par_iter()
+                .enumerate()
+                .fold(Accumulator::new, |mut acc, (k, &(r, label))| {
+                    let teacher_row =
+                        with_teacher.then(|| (&tl[r * tv..(r + 1) * tv], &summaries[k]));
+                    add_row(&mut acc, &logits[r * v..(r + 1) * v], label, teacher_row);
+                    acc
+                })
+                .reduce(Accumulator::new, |mut a, b| {
+                    a.merge(&b);
+                    a
+                })
+        };
+        let a = row_acc(&tl, tv, true);
+        teacher.acc.merge(&a);
+        for m in &mut models {
+            if m.same_tokenizer {
+                let (sl, sv) = logits_rows(&m.model, &input)?;
+                let a = row_acc(&sl, sv, true);
+                m.acc.merge(&a);
+            } else {
+                // Another tokenizer: re-tokenize the same text; cross-entropy per its own tokens
+                // (compare models by bits per byte).
+                for s in 0..b {
+                    let text = teacher.tokenizer.decode(&ids[s * t..(s + 1) * t], false)?;
+                    let mut own = m.tokenizer.encode(&text, false)?;
+                    own.truncate(m.cfg.max_position_embeddings.min(4096));
+                    if own.len() < 2 {
+                        continue;
+                    }
+                    let n = own.len();
+                    let input = Tensor::from_vec(own.clone(), (1, n), device)?;
+                    let (sl, sv) = logits_rows(&m.model, &input)?;
+                    for i in 0..n - 1 {
+                        add_row(&mut m.acc, &sl[i * sv..(i + 1) * sv], own[i + 1], None);
+                    }
+                }
+            }
+        }
+        done += b as u64 * per_seq;
+        progress(done, total);
+    }
+    if done == 0 {
+        return Err(Error::file(
+            tokens_dir,
+            format!("split '{}' holds no sequences", opts.split),
+        ));
+    }
+
+    // Speed, measured in this run on this machine.
+    let mut speeds = Vec::new();
+    for m in std::iter::once(&teacher).chain(models.iter()) {
+        speeds.push(if opts.speed {
+            let r = distill_teacher::bench::bench_teacher(&m.model, 1, t.min(256), 2, 32)?;
+            Some((r.prefill_tokens_per_second, r.decode_tokens_per_second))
+        } else {
+            None
+        });
+    }
+    let teacher_prefill = speeds[0].map(|s| s.0);
+
+    // Generations.
+    let mut generations = Vec::new();
+    for p in &opts.prompts {
+        let mut completions = Vec::new();
+        for m in std::iter::once(&teacher).chain(models.iter()) {
+            let ids = m.tokenizer.encode(p, true)?;
+            let params = distill_teacher::generate::SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                max_new_tokens: opts.max_new_tokens,
+            };
+            let out = distill_teacher::generate::generate(
+                &m.model,
+                &ids,
+                &m.tokenizer.stop_ids(),
+                &params,
+                |_| Ok(()),
+            )?;
+            completions.push((m.name.clone(), m.tokenizer.decode(&out.tokens, true)?));
+        }
+        generations.push(Generation {
+            prompt: p.clone(),
+            completions,
+        });
+    }
+
+    let report_of = |m: &Loaded, speed: Option<(f64, f64)>, is_teacher: bool| {
+        let a = &m.acc;
+        let rel = m.same_tokenizer && a.compared > 0;
+        let frac = |x: u64| rel.then(|| x as f64 / a.compared.max(1) as f64);
+        ModelReport {
+            name: m.name.clone(),
+            path: m.dir.clone(),
+            is_teacher,
+            params: m.cfg.num_params(),
+            non_embedding_params: m.cfg.num_non_embedding_params(),
+            size_on_disk_bytes: dir_size(&m.dir),
+            layers: m.cfg.num_hidden_layers,
+            hidden: m.cfg.hidden_size,
+            vocab_size: m.cfg.vocab_size,
+            perplexity: a.perplexity(),
+            cross_entropy: a.mean_ce(),
+            bits_per_byte: a.ce / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            tokens: a.tokens,
+            kl_to_teacher: rel.then(|| a.kl / a.compared.max(1) as f64),
+            top1_agreement: frac(a.top1),
+            top5_agreement: frac(a.top5),
+            ece: a.ece(),
+            prefill_tokens_per_second: speed.map(|s| s.0),
+            decode_tokens_per_second: speed.map(|s| s.1),
+            speedup: match (speed, teacher_prefill) {
+                (Some(s), Some(t)) => Some(s.0 / t),
+                _ => None,
+            },
+            step: checkpoint_step(&m.dir),
+            note: (!m.same_tokenizer).then(|| {
+                "another tokenizer than the teacher's: perplexity is per its own tokens on the \
+                 same text (compare bits per byte); no teacher-relative metrics"
+                    .to_string()
+            }),
+        }
+    };
+    let mut out = vec![report_of(&teacher, speeds[0], true)];
+    for (m, s) in models.iter().zip(&speeds[1..]) {
+        out.push(report_of(m, *s, false));
+    }
+    Ok(Report {
+        tokens_dir: tokens_dir.to_path_buf(),
+        split: opts.split.clone(),
+        tokens: done,
+        bytes,
+        device: distill_core::device::device_name(device),
+        threads: distill_core::device::cpu_threads(),
+        models: out,
+        generations,
+    })
+}

@@ -1,0 +1,225 @@
+//! `distill eval` on tiny models: known answers (a model against itself), bits per byte on a
+//! fixture, the report files, checkpoint plots, and bad inputs.
+
+use candle_core::Device;
+use distill_core::testing::{tiny_config, write_tiny_model_dir, write_tiny_tokens};
+use distill_eval::{evaluate, report, EvalOptions};
+use std::path::{Path, PathBuf};
+
+fn opts() -> EvalOptions {
+    EvalOptions {
+        max_tokens: 0,
+        batch_size: 3,
+        prompts: vec!["the cat".into()],
+        max_new_tokens: 4,
+        speed: false,
+        ..Default::default()
+    }
+}
+
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher");
+    write_tiny_model_dir(&teacher, &tiny_config(), 21).unwrap();
+    let tokens = dir.path().join("tokens");
+    write_tiny_tokens(&tokens, 8, 24, 4, 2).unwrap();
+    (dir, teacher, tokens)
+}
+
+#[test]
+fn a_model_against_itself_has_zero_kl_and_full_agreement() {
+    let (_d, teacher, tokens) = setup();
+    let r = evaluate(
+        &teacher,
+        &[teacher.clone()],
+        &tokens,
+        &opts(),
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(r.models.len(), 2);
+    let (t, s) = (&r.models[0], &r.models[1]);
+    assert!(t.is_teacher && !s.is_teacher);
+    assert!(
+        s.kl_to_teacher.unwrap().abs() < 1e-6,
+        "{:?}",
+        s.kl_to_teacher
+    );
+    assert_eq!(s.top1_agreement, Some(1.0));
+    assert_eq!(s.top5_agreement, Some(1.0));
+    assert!((s.perplexity - t.perplexity).abs() < 1e-9);
+    assert_eq!(s.ece, t.ece);
+    assert!(t.perplexity > 1.0 && t.ece >= 0.0 && t.ece <= 1.0);
+    assert_eq!(r.generations.len(), 1);
+    assert_eq!(
+        r.generations[0].completions[0].1,
+        r.generations[0].completions[1].1
+    );
+}
+
+#[test]
+fn bits_per_byte_counts_the_text_of_the_predicted_tokens() {
+    let (_d, teacher, tokens) = setup();
+    let r = evaluate(&teacher, &[], &tokens, &opts(), &Device::Cpu, |_, _| {}).unwrap();
+    // The fixture text is ASCII and the tiny tokenizer byte-level, so each predicted token's
+    // bytes can be counted one by one (EOS, a special token, has none).
+    let tok = distill_core::testing::tiny_tokenizer();
+    let shards = distill_core::shards::TokenShards::open(&tokens, "valid").unwrap();
+    let (mut n, mut bytes) = (0u64, 0u64);
+    for i in 0..shards.len() {
+        let seq = shards.sequence(i);
+        n += (seq.len() - 1) as u64;
+        for &t in &seq[1..] {
+            bytes += tok.decode(&[t], true).unwrap().len() as u64;
+        }
+    }
+    assert!(bytes > n / 2);
+    assert_eq!(r.tokens, n);
+    assert_eq!(r.bytes, bytes);
+    let m = &r.models[0];
+    let want = m.cross_entropy * n as f64 / std::f64::consts::LN_2 / bytes as f64;
+    assert!(
+        (m.bits_per_byte - want).abs() < 1e-9,
+        "{} vs {want}",
+        m.bits_per_byte
+    );
+}
+
+#[test]
+fn report_files_exist_and_parse_and_checkpoints_are_plotted() {
+    let (d, teacher, tokens) = setup();
+    // A fake run: two checkpoints (copies of a random student) and its metrics.jsonl.
+    let run = d.path().join("runs/demo");
+    let student = d.path().join("student");
+    write_tiny_model_dir(
+        &student,
+        &distill_core::Config {
+            num_hidden_layers: 1,
+            ..tiny_config()
+        },
+        5,
+    )
+    .unwrap();
+    for step in ["step-10", "step-20"] {
+        let dst = run.join(step);
+        std::fs::create_dir_all(&dst).unwrap();
+        for f in std::fs::read_dir(&student).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut lines = Vec::new();
+    for s in 1..=20 {
+        lines.push(format!(
+            "{{\"type\":\"train\",\"step\":{s},\"loss\":{}}}",
+            5.0 - s as f64 * 0.1
+        ));
+    }
+    lines.push("{\"type\":\"eval\",\"step\":10,\"ce\":4.2,\"kl_to_teacher\":1.5}".into());
+    lines.push("{\"type\":\"eval\",\"step\":20,\"ce\":3.9,\"kl_to_teacher\":1.2}".into());
+    std::fs::write(run.join("metrics.jsonl"), lines.join("\n")).unwrap();
+
+    let students = vec![run.join("step-10"), run.join("step-20")];
+    let r = evaluate(
+        &teacher,
+        &students,
+        &tokens,
+        &opts(),
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(r.models[1].name, "demo/step-10");
+    assert_eq!(r.models[2].step, Some(20));
+    let out = d.path().join("report");
+    let files = report::write_report(&r, &out).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let models = json["models"].as_array().unwrap();
+    assert_eq!(models.len(), 3);
+    for key in [
+        "name",
+        "path",
+        "perplexity",
+        "bits_per_byte",
+        "kl_to_teacher",
+        "top1_agreement",
+        "top5_agreement",
+        "ece",
+        "params",
+        "non_embedding_params",
+        "prefill_tokens_per_second",
+        "decode_tokens_per_second",
+    ] {
+        assert!(models[1].get(key).is_some(), "report.json lacks {key}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("(teacher)")
+            && md.contains("demo/step-20")
+            && md.contains("Greedy generations")
+    );
+    for name in [
+        "perplexity_vs_params.png",
+        "training_demo.png",
+        "checkpoints_demo.png",
+        "checkpoints_kl_demo.png",
+    ] {
+        let p = out.join(name);
+        assert!(files.contains(&p), "{name} not written");
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{name}");
+        assert!(bytes.len() > 5000, "{name} looks empty");
+    }
+}
+
+fn err(teacher: &Path, students: &[PathBuf], tokens: &Path) -> String {
+    evaluate(teacher, students, tokens, &opts(), &Device::Cpu, |_, _| {})
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn bad_inputs_are_handled_as_specified() {
+    let (d, teacher, tokens) = setup();
+    // A student with another tokenizer: perplexity, but no teacher-relative metrics, and a note.
+    let other = d.path().join("other-tok");
+    write_tiny_model_dir(&other, &tiny_config(), 8).unwrap();
+    let tj = other.join("tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    v["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    std::fs::write(&tj, v.to_string()).unwrap();
+    let r = evaluate(
+        &teacher,
+        &[other.clone()],
+        &tokens,
+        &opts(),
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    let m = &r.models[1];
+    assert!(m.perplexity.is_finite() && m.perplexity > 1.0 && m.tokens > 0);
+    assert!(m.kl_to_teacher.is_none() && m.top1_agreement.is_none());
+    assert!(m.note.as_deref().unwrap().contains("another tokenizer"));
+
+    // A missing model.
+    let e = err(&teacher, &[d.path().join("nope")], &tokens);
+    assert!(e.contains("nope") && e.contains("does not exist"), "{e}");
+    // An empty token dir.
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = err(&teacher, &[], &empty);
+    assert!(e.contains("not a token shards dir"), "{e}");
+    // A split with no sequences.
+    let mut o = opts();
+    o.split = "test".into();
+    let e = evaluate(&teacher, &[], &tokens, &o, &Device::Cpu, |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no split 'test'"), "{e}");
+}
