@@ -97,11 +97,15 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// Perplexity against parameters (log–log), one labelled point per model.
 pub fn plot_perplexity_vs_params(r: &Report, path: &Path) -> Result<()> {
     register_font();
-    let pts: Vec<(f64, f64, String, bool)> = r
-        .models
-        .iter()
-        .map(|m| (m.params as f64, m.perplexity, m.name.clone(), m.is_teacher))
-        .collect();
+    // Models at the same point (a run's last checkpoint and its final/) share one label.
+    let mut pts: Vec<(f64, f64, String, bool)> = Vec::new();
+    for m in &r.models {
+        let (x, y) = (m.params as f64, m.perplexity);
+        match pts.iter_mut().find(|p| p.0 == x && (p.1 - y).abs() < 1e-9) {
+            Some(p) => p.2 = format!("{}, {}", p.2, m.name),
+            None => pts.push((x, y, m.name.clone(), m.is_teacher)),
+        }
+    }
     let (xmin, xmax) = pts
         .iter()
         .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
@@ -116,16 +120,18 @@ pub fn plot_perplexity_vs_params(r: &Report, path: &Path) -> Result<()> {
         .x_label_area_size(50)
         .y_label_area_size(70)
         .build_cartesian_2d(
-            ((xmin / 2.0)..(xmax * 2.0)).log_scale(),
+            ((xmin / 2.0)..(xmax * 8.0)).log_scale(),
             ((ymin / 1.5)..(ymax * 1.5)).log_scale(),
         )
         .map_err(|e| plot_err(path, e))?;
     chart
         .configure_mesh()
-        .x_desc("parameters")
-        .y_desc("perplexity")
-        .x_label_formatter(&|x| format!("{:.1}M", x / 1e6))
-        .y_label_formatter(&|y| format!("{y:.1}"))
+        .x_desc("parameters (log scale)")
+        .y_desc("perplexity (log scale)")
+        .x_labels(8)
+        .y_labels(20)
+        .x_label_formatter(&|x| format!("{:.0}M", x / 1e6))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
         .draw()
@@ -137,7 +143,7 @@ pub fn plot_perplexity_vs_params(r: &Report, path: &Path) -> Result<()> {
             .map_err(|e| plot_err(path, e))?;
         chart
             .draw_series(std::iter::once(Text::new(
-                name.clone(),
+                format!("{name} ({:.1}M, ppl {y:.1})", x / 1e6),
                 (*x * 1.08, *y * 1.04),
                 ("sans-serif", 14),
             )))
