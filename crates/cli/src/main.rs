@@ -176,7 +176,8 @@ fn main() {
     // SAFETY: as above.
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 16 * 1024 * 1024); // KiB
+        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 16 * 1024 * 1024);
+        // KiB
     };
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
