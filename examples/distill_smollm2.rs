@@ -92,7 +92,7 @@ fn main() -> Result<()> {
     };
     let r = evaluate(
         teacher_dir,
-        &[summary.final_dir.clone()],
+        std::slice::from_ref(&summary.final_dir),
         tokens,
         &eval_opts,
         &device,

@@ -52,7 +52,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .filter(|l| !l.is_empty())
             .map(str::to_string)
             .collect()
-    } else if a.prompts == PathBuf::from("data/prompts/eval.txt") {
+    } else if a.prompts == std::path::Path::new("data/prompts/eval.txt") {
         Vec::new() // the default set is optional outside the repo
     } else {
         bail!("{}: prompts file does not exist", a.prompts.display());

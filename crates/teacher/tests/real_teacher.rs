@@ -123,3 +123,80 @@ fn gguf_tokenizer_equals_converted_tokenizer() {
     assert_eq!(a.hash(), b.hash());
     assert_eq!(a.chat_template, b.chat_template);
 }
+
+/// The cache on the real teacher: a slice of the committed sample, tokenized with the teacher's
+/// tokenizer; the cached top-1 is the forward's argmax, the logsumexp and log-probs match the
+/// full log-softmax, and a 64-token cache costs ≤ 400 bytes per token at k = 64.
+#[test]
+fn cache_on_the_real_teacher_matches_its_forward() {
+    use distill_core::cache::{CacheExpect, TeacherCache, TeacherTargets};
+    use distill_core::prepare::{prepare, PrepareOptions};
+    let Some(dir) = common::teacher_dir() else {
+        return;
+    };
+    let teacher = Teacher::load(&dir, &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens");
+    let sample = common::workspace_root().join("data/sample/paragraph.txt");
+    let opts = PrepareOptions {
+        seq_len: 64,
+        ..Default::default()
+    };
+    let meta = prepare(&teacher.tokenizer, &[sample], &tokens, &opts, |_| {}).unwrap();
+    let hash = distill_core::weights::model_hash(&dir).unwrap();
+    let out = tmp.path().join("cache");
+    let copts = distill_teacher::cache::CacheOptions {
+        max_sequences: Some(1),
+        splits: vec!["train".into()],
+        ..Default::default()
+    };
+    let s = distill_teacher::cache::build_cache(&teacher, &hash, &tokens, &out, &copts, |_, _| {})
+        .unwrap();
+    assert!(s.bytes_per_token <= 400.0, "{}", s.bytes_per_token);
+    let expect = CacheExpect {
+        teacher_hash: Some(hash),
+        ..Default::default()
+    };
+    let cache = TeacherCache::open(&out, &meta, &expect).unwrap();
+    let TeacherTargets::Sparse {
+        ids,
+        logprobs,
+        logsumexp,
+    } = cache.targets("train", &[0], &Device::Cpu).unwrap()
+    else {
+        panic!("sparse targets expected");
+    };
+    let seq = distill_core::shards::TokenShards::open(&tokens, "train")
+        .unwrap()
+        .sequence(0);
+    let input = candle_core::Tensor::new(seq.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = teacher.model.forward(&input).unwrap();
+    let argmax: Vec<u32> = logits
+        .argmax(2)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let ids: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+    let top1: Vec<u32> = ids.chunks(64).map(|c| c[0]).collect();
+    assert_eq!(top1, argmax);
+    let logp = distill_core::model::log_softmax(&logits).unwrap();
+    let lps: Vec<f32> = logprobs.flatten_all().unwrap().to_vec1().unwrap();
+    let full: Vec<f32> = logp.flatten_all().unwrap().to_vec1().unwrap();
+    for (pos, chunk) in ids.chunks(64).enumerate() {
+        for (j, &id) in chunk.iter().enumerate() {
+            let exact = full[pos * 49152 + id as usize];
+            assert!(
+                (lps[pos * 64 + j] - exact).abs() <= 2e-3 * exact.abs().max(1.0),
+                "{pos}/{j}"
+            );
+        }
+    }
+    let lse: Vec<f32> = logsumexp.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(lse.len(), 64);
+    assert!(lse.iter().all(|x| x.is_finite()));
+}
