@@ -31,7 +31,7 @@ fn a_model_against_itself_has_zero_kl_and_full_agreement() {
     let (_d, teacher, tokens) = setup();
     let r = evaluate(
         &teacher,
-        &[teacher.clone()],
+        std::slice::from_ref(&teacher),
         &tokens,
         &opts(),
         &Device::Cpu,
@@ -194,7 +194,7 @@ fn bad_inputs_are_handled_as_specified() {
     std::fs::write(&tj, v.to_string()).unwrap();
     let r = evaluate(
         &teacher,
-        &[other.clone()],
+        std::slice::from_ref(&other),
         &tokens,
         &opts(),
         &Device::Cpu,
