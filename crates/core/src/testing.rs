@@ -99,13 +99,7 @@ pub fn random_model(cfg: &Config, seed: u64) -> Result<(CausalLm, VarMap)> {
 
 /// The VarMap's tensors by name.
 pub fn named_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
-    varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect()
+    crate::weights::varmap_tensors(varmap)
 }
 
 /// Writes a complete random model dir (config, weights, tiny tokenizer) and returns the model.

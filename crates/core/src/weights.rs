@@ -125,6 +125,17 @@ pub fn model_hash(dir: &Path) -> Result<String> {
     Ok(crate::tokenizer::hex(&hasher.finalize()))
 }
 
+/// A VarMap's tensors by name (what `save_model_dir` / `save_safetensors` take).
+pub fn varmap_tensors(varmap: &candle_nn::VarMap) -> HashMap<String, Tensor> {
+    varmap
+        .data()
+        .lock()
+        .expect("varmap lock poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
 /// The torch dtype name written in `config.json` for a candle dtype.
 pub fn torch_dtype_name(dtype: DType) -> &'static str {
     match dtype {

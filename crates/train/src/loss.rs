@@ -202,6 +202,39 @@ fn bucket(kind: KdKind, logp: f64, logq: f64) -> (f64, f64) {
     }
 }
 
+/// The teacher's bucket log-probabilities at temperature `tau` for one position of sparse
+/// targets: one per kept token with `keep(id)` true, then the tail bucket (−∞ when the kept tokens
+/// hold all the mass). The tail's mass is `1 − Σ exp(logprob)` over all kept tokens, tempered as
+/// if spread evenly over the `n_tail` tokens not kept (exact at τ = 1). Used by the fused op and
+/// the composite path alike.
+fn teacher_buckets(
+    ids: &[u32],
+    logprobs: &[f32],
+    lse: f32,
+    tau: f32,
+    n_tail: usize,
+    keep: impl Fn(u32) -> bool,
+) -> Vec<f64> {
+    let (tl, tau) = (lse as f64, tau as f64);
+    let kept_mass: f64 = logprobs.iter().map(|&x| (x as f64).exp()).sum();
+    let tail = (1.0 - kept_mass).max(0.0);
+    let n_tail = n_tail.max(1) as f64;
+    let mut logits: Vec<f64> = ids
+        .iter()
+        .zip(logprobs)
+        .filter(|(&id, _)| keep(id))
+        .map(|(_, &lp)| (lp as f64 + tl) / tau)
+        .collect();
+    logits.push(if tail > 0.0 {
+        n_tail.ln() + ((tail / n_tail).ln() + tl) / tau
+    } else {
+        f64::NEG_INFINITY
+    });
+    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+    logits.iter().map(|x| x - z).collect()
+}
+
 impl KdOp {
     /// One row: returns [KD·τ², CE, lse_τ, lse_1, teacher lse_τ]; with
     /// `grad = Some((out, g_kd, g_ce))` writes ∂/∂s instead, reusing the forward's `saved` row.
@@ -302,30 +335,17 @@ impl KdOp {
                 let k = sp.k;
                 let ids = &sp.ids[r * k..(r + 1) * k];
                 let lps = &sp.logprobs[r * k..(r + 1) * k];
-                let tl = sp.logsumexp[r];
-                // Teacher buckets at τ: kept tokens (inside the shared vocabulary) + tail.
-                let kept_mass: f64 = lps.iter().map(|&x| (x as f64).exp()).sum();
-                let tail = (1.0 - kept_mass).max(0.0);
-                let n_tail = sp.teacher_vocab.saturating_sub(k).max(1) as f64;
-                let mut logits: Vec<f64> = Vec::with_capacity(k + 1);
-                for (&id, &lp) in ids.iter().zip(lps) {
-                    if (id as usize) < v {
-                        logits.push((lp as f64 + tl as f64) / tau as f64);
-                    }
-                }
-                let kept_n = logits.len();
-                if tail > 0.0 {
-                    logits.push(n_tail.ln() + ((tail / n_tail).ln() + tl as f64) / tau as f64);
-                }
-                let z = {
-                    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
-                };
-                let logp_tail = if tail > 0.0 {
-                    logits[kept_n] - z
-                } else {
-                    f64::NEG_INFINITY
-                };
+                // Teacher buckets at τ: kept tokens inside the shared vocabulary, then the tail.
+                let logp = teacher_buckets(
+                    ids,
+                    lps,
+                    sp.logsumexp[r],
+                    tau,
+                    sp.teacher_vocab.saturating_sub(k),
+                    |id| (id as usize) < v,
+                );
+                let kept_n = logp.len() - 1;
+                let logp_tail = logp[kept_n];
                 // Student buckets.
                 let kept_ids: Vec<usize> =
                     ids.iter().map(|&i| i as usize).filter(|&i| i < v).collect();
@@ -339,7 +359,7 @@ impl KdOp {
                 let mut h = Vec::with_capacity(kept_n);
                 let mut sum_h = 0f64;
                 for j in 0..kept_n {
-                    let (l, hj) = bucket(self.kind, logits[j] - z, lq[j]);
+                    let (l, hj) = bucket(self.kind, logp[j], lq[j]);
                     kd += l;
                     h.push(hj);
                     sum_h += hj;
@@ -621,21 +641,19 @@ pub fn composite_loss(
             let k = ids.dim(D::Minus1)?;
             let lp_v: Vec<f32> = logprobs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let lse_v: Vec<f32> = logsumexp.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+            let n_tail = cfg.teacher_vocab.unwrap_or(vs).saturating_sub(k);
             let mut bucket_p = Vec::with_capacity(n * (k + 1));
             for r in 0..n {
-                let lps = &lp_v[r * k..(r + 1) * k];
-                let tl = lse_v[r] as f64;
-                let tail = (1.0 - lps.iter().map(|&x| (x as f64).exp()).sum::<f64>()).max(0.0);
-                let n_tail = cfg.teacher_vocab.unwrap_or(vs).saturating_sub(k).max(1) as f64;
-                let mut logits: Vec<f64> = lps.iter().map(|&x| (x as f64 + tl) / tau).collect();
-                logits.push(if tail > 0.0 {
-                    n_tail.ln() + ((tail / n_tail).ln() + tl) / tau
-                } else {
-                    f64::NEG_INFINITY
-                });
-                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let z = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-                bucket_p.extend(logits.iter().map(|x| (x - z) as f32));
+                let b = teacher_buckets(
+                    &ids_v[r * k..(r + 1) * k],
+                    &lp_v[r * k..(r + 1) * k],
+                    lse_v[r],
+                    cfg.temperature,
+                    n_tail,
+                    |_| true,
+                );
+                bucket_p.extend(b.iter().map(|&x| x as f32));
             }
             let logp = Tensor::from_vec(bucket_p, (n, k + 1), &device)?;
             let logq_full = candle_nn::ops::log_softmax(&(s / tau)?, D::Minus1)?;

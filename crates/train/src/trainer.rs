@@ -359,17 +359,6 @@ impl Setup {
     }
 }
 
-/// Named tensors of a VarMap.
-fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
-    varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect()
-}
-
 /// Step checkpoints in a run dir, by step.
 pub fn checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(run)
@@ -399,7 +388,13 @@ fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    distill_core::save_model_dir(&tmp, cfg, &varmap_tensors(varmap), tokenizer, DType::F32)?;
+    distill_core::save_model_dir(
+        &tmp,
+        cfg,
+        &distill_core::weights::varmap_tensors(varmap),
+        tokenizer,
+        DType::F32,
+    )?;
     distill_core::weights::save_safetensors(
         &opt.state_tensors(),
         DType::F32,
