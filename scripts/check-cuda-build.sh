@@ -4,6 +4,9 @@
 # compiling. The venv lives in the cache dir and is reused (≈ 650 MB of wheels once).
 #
 # Run with: scripts/check-cuda-build.sh            (then target/cuda/release/distill)
+# Env: DISTILL_CACHE (venv location; default ~/.cache/distill),
+#      DISTILL_CUDA_TARGET_DIR (cargo target dir; default target/cuda — CI points it into the
+#      cache so that a fresh clone on the same machine rebuilds only the workspace crates).
 # To run the binary on a GPU machine: LD_LIBRARY_PATH="$(scripts/check-cuda-build.sh --print-lib-dir)"
 #
 # CUDA 13.0, not newer: the lent GPU machines run driver 580 (CUDA 13.0) and reject newer PTX.
@@ -54,5 +57,13 @@ export CUDARC_CUDA_VERSION=13000
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export LIBRARY_PATH="$cu/lib:$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 nvcc --version | tail -1
-CARGO_TARGET_DIR=target/cuda cargo build --release -p distill-cli --features cuda
-echo "check-cuda-build: ok → target/cuda/release/distill (compute capability $CUDA_COMPUTE_CAP)"
+target="${DISTILL_CUDA_TARGET_DIR:-target/cuda}"
+CARGO_TARGET_DIR="$target" cargo build --release -p distill-cli --features cuda
+# Every crate that touches tensors must pass `cuda` through to candle: the feature must reach
+# candle-core's cuda backend in the binary we just built.
+CARGO_TARGET_DIR="$target" cargo tree -p distill-cli --features cuda -e features -i candle-core 2>/dev/null |
+  grep -q 'candle-core feature "cuda"' || {
+  echo "check-cuda-build: candle-core was built without its cuda feature" >&2
+  exit 1
+}
+echo "check-cuda-build: ok → $target/release/distill (compute capability $CUDA_COMPUTE_CAP)"

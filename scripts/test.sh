@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The test suite, as CI runs it: installs what a fresh machine lacks, fetches the real teacher
-# (tests on it fail rather than skip under CI=true), then fmt, clippy and every test.
+# (tests on it fail rather than skip under CI=true), then fmt, clippy, every test, and the CUDA
+# build check (`--features cuda` against the CUDA 13.0 PyPI wheels; no GPU needed).
+#
+# Set DISTILL_SKIP_CUDA_BUILD=1 to leave the CUDA build out of a local run (CI never does).
 #
 # Run with: scripts/test.sh
 set -euo pipefail
@@ -37,3 +40,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --workspace
+
+if [[ "${DISTILL_SKIP_CUDA_BUILD:-0}" == "1" && "${CI:-}" != "true" ]]; then
+  step "CUDA build check skipped (DISTILL_SKIP_CUDA_BUILD=1)"
+else
+  step "CUDA build check (--features cuda, CUDA 13.0 wheels)"
+  # The venv and the target dir live in the cache dir, so a later clean clone on this machine
+  # rebuilds only the workspace crates; a fresh machine builds everything (≈ 18 min on 2 cores).
+  DISTILL_CUDA_TARGET_DIR="${DISTILL_CUDA_TARGET_DIR:-${DISTILL_CACHE:-$HOME/.cache/distill}/cuda-target}" \
+    scripts/check-cuda-build.sh
+fi

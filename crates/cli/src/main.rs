@@ -9,6 +9,8 @@ use distill_teacher::Teacher;
 use std::io::Write;
 use std::path::PathBuf;
 
+#[cfg(feature = "api")]
+mod api_cmd;
 mod cache_cmd;
 mod eval_cmd;
 mod progress;
@@ -42,6 +44,12 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Evaluate teacher and students in one pass: perplexity, bits/byte, KL, agreement, ECE, speed.
     Eval(eval_cmd::EvalArgs),
+    /// Serve a teacher over an OpenAI-compatible HTTP API (keys, quotas, audit log, usage report).
+    #[cfg(feature = "api")]
+    Serve(api_cmd::ServeArgs),
+    /// Collect a teacher's answers (and top logprobs) from an OpenAI-compatible API, resumably.
+    #[cfg(feature = "api")]
+    Collect(api_cmd::CollectArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -196,6 +204,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cache(a) => cache_cmd::cache(a),
         Command::Train(a) => train_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
+        #[cfg(feature = "api")]
+        Command::Serve(a) => api_cmd::serve_cmd(a),
+        #[cfg(feature = "api")]
+        Command::Collect(a) => api_cmd::collect_cmd(a),
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Train(a)) => train_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),

@@ -486,22 +486,58 @@ impl CausalLm {
             .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
     }
 
+    /// [`forward_cached`](Self::forward_cached) for a batch of left-padded rows: row `b` starts
+    /// with `left_pad[b]` padding positions (any id) that no real position attends to. Rotary
+    /// embeddings depend only on relative positions, so each row's logits equal those of the row
+    /// run alone without its padding. Returns the logits of the last new position, (B, V).
+    pub fn forward_cached_padded(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        left_pad: &[usize],
+    ) -> Result<Tensor> {
+        let pos = cache.len();
+        let (b, t) = ids.dims2()?;
+        if left_pad.len() != b {
+            candle_core::bail!(
+                "forward_cached_padded: {} padding lengths for a batch of {b}",
+                left_pad.len()
+            );
+        }
+        let mask = padded_causal_mask(t, pos, left_pad, self.cfg.sliding_window, ids.device())?;
+        let hidden = self.forward_hidden_masked(ids, pos, Some(cache), Some(mask))?;
+        self.lm_head
+            .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
     fn forward_hidden(
         &self,
         ids: &Tensor,
         pos: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let mask = if t == 1 {
+            None
+        } else {
+            Some(causal_mask(t, pos, self.cfg.sliding_window, ids.device())?)
+        };
+        self.forward_hidden_masked(ids, pos, cache, mask)
+    }
+
+    /// `mask`: additive, broadcastable to (B, 1, 1, T, S), or None for no masking.
+    fn forward_hidden_masked(
+        &self,
+        ids: &Tensor,
+        pos: usize,
         mut cache: Option<&mut KvCache>,
+        mask: Option<Tensor>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
-        let mask = if t == 1 {
-            None
-        } else {
-            Some(causal_mask(t, pos, self.cfg.sliding_window, x.device())?)
-        };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.input_layernorm.forward(&x)?;
@@ -536,6 +572,34 @@ pub fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &Device)
         })
         .collect();
     Tensor::from_vec(mask, (t, s), device)
+}
+
+/// Additive mask (B, 1, 1, T, pos+T) for left-padded rows: the causal mask, and row `b`'s first
+/// `left_pad[b]` keys hidden from its real positions. A padding position sees itself only, so
+/// that its softmax stays finite (its output is never read).
+pub fn padded_causal_mask(
+    t: usize,
+    pos: usize,
+    left_pad: &[usize],
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = pos + t;
+    let mut mask = Vec::with_capacity(left_pad.len() * t * s);
+    for &pad in left_pad {
+        for i in 0..t {
+            let q = pos + i;
+            for j in 0..s {
+                let visible = if q < pad {
+                    j == q
+                } else {
+                    j >= pad && j <= q && window.is_none_or(|w| q - j < w)
+                };
+                mask.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Tensor::from_vec(mask, (left_pad.len(), 1, 1, t, s), device)
 }
 
 /// Log-softmax over the vocabulary, f32 (B, T, V).

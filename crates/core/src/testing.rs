@@ -10,23 +10,7 @@ use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// GPT-2's byte → printable-char table (`bytes_to_unicode`).
-pub fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
-    let mut table = vec!['\0'; 256];
-    for &b in &printable {
-        table[b as usize] = char::from_u32(b).expect("latin-1 code points are chars");
-    }
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            table[b as usize] = char::from_u32(256 + n).expect("small code points are chars");
-            n += 1;
-            printable.push(b);
-        }
-    }
-    table
-}
+pub use crate::tokenizer::byte_chars;
 
 /// A byte-level BPE with three special tokens (ids 0–2: `<|endoftext|>`, `<|im_start|>`,
 /// `<|im_end|>`), the 256 byte tokens, and a few merges: 259 + merges tokens, ChatML template.

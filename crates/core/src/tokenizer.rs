@@ -175,6 +175,44 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The raw bytes of every token id (index = id): byte-level BPE tokens through GPT-2's
+    /// byte table, SentencePiece `<0xNN>` byte tokens and `▁` spaces, added tokens as their text.
+    /// Concatenating the bytes of a sequence's tokens gives its text (before any normaliser).
+    pub fn token_bytes_table(&self) -> Vec<Vec<u8>> {
+        use std::collections::HashMap;
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        let unbyte: HashMap<char, u8> = byte_chars()
+            .into_iter()
+            .enumerate()
+            .map(|(b, c)| (c, b as u8))
+            .collect();
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                let Some(tok) = self.inner.id_to_token(id) else {
+                    return Vec::new();
+                };
+                if added.contains_key(&id) {
+                    return tok.into_bytes();
+                }
+                if byte_level {
+                    if let Some(bytes) = tok.chars().map(|c| unbyte.get(&c).copied()).collect() {
+                        return bytes;
+                    }
+                }
+                if let Some(hex) = tok.strip_prefix("<0x").and_then(|r| r.strip_suffix('>')) {
+                    if let (2, Ok(b)) = (hex.len(), u8::from_str_radix(hex, 16)) {
+                        return vec![b];
+                    }
+                }
+                tok.replace('\u{2581}', " ").into_bytes()
+            })
+            .collect()
+    }
+
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
@@ -339,6 +377,25 @@ impl TextStream<'_> {
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.inner.step(id).with_file(self.source)
     }
+}
+
+/// GPT-2's byte → printable-char table (`bytes_to_unicode`), as byte-level BPE vocabularies
+/// spell bytes.
+pub fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut table = vec!['\0'; 256];
+    for &b in &printable {
+        table[b as usize] = char::from_u32(b).expect("latin-1 code points are chars");
+    }
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            table[b as usize] = char::from_u32(256 + n).expect("small code points are chars");
+            n += 1;
+            printable.push(b);
+        }
+    }
+    table
 }
 
 pub fn hex(bytes: &[u8]) -> String {
