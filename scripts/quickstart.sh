@@ -13,7 +13,9 @@ cd "$root"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "build distill (release)"
-cargo build --release -p distill-cli
+# Without the `api` feature (serve/collect: axum, tokio, reqwest), which the quickstart does not
+# use, to keep the cold build inside its budget; `cargo build --release` adds it.
+cargo build --release -p distill-cli --no-default-features
 bin="$root/target/release/distill"
 
 step "fetch the teacher"

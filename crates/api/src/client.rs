@@ -127,14 +127,16 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Vec<ChatMessage>>> {
             if let Some(p) = v.get("prompt").and_then(Value::as_str) {
                 out.push(vec![ChatMessage::new("user", p)]);
             } else if let Some(m) = v.get("messages") {
-                let msgs: Vec<ChatMessage> = serde_json::from_value(m.clone()).map_err(|e| {
-                    Error::file(path, format!("line {}: bad messages: {e}", i + 1))
-                })?;
+                let msgs: Vec<ChatMessage> = serde_json::from_value(m.clone())
+                    .map_err(|e| Error::file(path, format!("line {}: bad messages: {e}", i + 1)))?;
                 out.push(msgs);
             } else {
                 return Err(Error::file(
                     path,
-                    format!("line {}: a JSON line needs \"prompt\" or \"messages\"", i + 1),
+                    format!(
+                        "line {}: a JSON line needs \"prompt\" or \"messages\"",
+                        i + 1
+                    ),
                 ));
             }
         } else {
@@ -177,8 +179,12 @@ fn done_indices(path: &Path) -> Result<HashSet<usize>> {
         if line.is_empty() {
             continue;
         }
-        let rec: Collected = serde_json::from_slice(line)
-            .map_err(|e| Error::file(path, format!("line {}: not a collected response: {e}", i + 1)))?;
+        let rec: Collected = serde_json::from_slice(line).map_err(|e| {
+            Error::file(
+                path,
+                format!("line {}: not a collected response: {e}", i + 1),
+            )
+        })?;
         done.insert(rec.index);
     }
     Ok(done)
@@ -285,7 +291,9 @@ pub async fn collect(
         prompts.truncate(n);
     }
     if opts.top_logprobs.is_some_and(|k| k > 20) {
-        return Err(Error::Msg("--top-logprobs: at most 20 (OpenAI's limit)".into()));
+        return Err(Error::Msg(
+            "--top-logprobs: at most 20 (OpenAI's limit)".into(),
+        ));
     }
     let base = api_base(&opts.endpoint);
     let http = reqwest::Client::builder()
@@ -350,12 +358,17 @@ pub async fn collect(
             || old.seed != meta.seed
             || old.system != meta.system
         {
-            differ.push("sampling settings (top_logprobs, max_tokens, temperature, seed, system)".into());
+            differ.push(
+                "sampling settings (top_logprobs, max_tokens, temperature, seed, system)".into(),
+            );
         }
         if !differ.is_empty() {
             return Err(Error::file(
                 &meta_path,
-                format!("cannot resume: this run asks for other {}", differ.join(", ")),
+                format!(
+                    "cannot resume: this run asks for other {}",
+                    differ.join(", ")
+                ),
             ));
         }
     } else {
@@ -451,7 +464,11 @@ pub async fn collect(
     })
 }
 
-fn parse_answer(index: usize, messages: Vec<ChatMessage>, v: &Value) -> std::result::Result<Collected, String> {
+fn parse_answer(
+    index: usize,
+    messages: Vec<ChatMessage>,
+    v: &Value,
+) -> std::result::Result<Collected, String> {
     let choice = &v["choices"][0];
     let completion = choice["message"]["content"]
         .as_str()
@@ -498,7 +515,10 @@ mod tests {
         let e = read_prompts(&p).unwrap_err().to_string();
         assert!(e.contains("p.txt") && e.contains("line 1"), "{e}");
         std::fs::write(&p, "\n\n").unwrap();
-        assert!(read_prompts(&p).unwrap_err().to_string().contains("no prompts"));
+        assert!(read_prompts(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("no prompts"));
         // A torn last line is cut off and not counted.
         let r = dir.path().join("responses.jsonl");
         let rec = Collected {

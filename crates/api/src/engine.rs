@@ -118,8 +118,8 @@ impl Engine {
                     // only if the batch still fits the context with it.
                     let context = worker.model.config().max_position_embeddings;
                     while let Ok(job) = rx.try_recv() {
-                        let fits = longest.max(job.prompt.len()) + most_new.max(job.max_tokens)
-                            <= context;
+                        let fits =
+                            longest.max(job.prompt.len()) + most_new.max(job.max_tokens) <= context;
                         if rows + job.n > worker.max_batch || !fits {
                             pending = Some(job);
                             break;
@@ -187,7 +187,11 @@ impl RowText {
     /// New text safe to send: whole UTF-8 characters, holding back a tail that could still grow
     /// into a stop string.
     fn take_ready(&mut self, stop: &[String]) -> String {
-        let hold = stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+        let hold = stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
         let mut end = self.bytes.len().saturating_sub(hold).max(self.sent);
         while end > self.sent && std::str::from_utf8(&self.bytes[self.sent..end]).is_err() {
             end -= 1;
@@ -278,7 +282,11 @@ impl Worker {
         if rows.iter().all(|r| r.done) {
             return Ok(());
         }
-        let longest = rows.iter().map(|r| jobs[r.job].prompt.len()).max().unwrap_or(0);
+        let longest = rows
+            .iter()
+            .map(|r| jobs[r.job].prompt.len())
+            .max()
+            .unwrap_or(0);
         let left_pad: Vec<usize> = rows
             .iter()
             .map(|r| longest - jobs[r.job].prompt.len())
@@ -290,7 +298,9 @@ impl Worker {
         }
         let mut cache = KvCache::new(self.model.config());
         let ids = Tensor::from_vec(input, (rows.len(), longest), &device)?;
-        let mut logits = self.model.forward_cached_padded(&ids, &mut cache, &left_pad)?;
+        let mut logits = self
+            .model
+            .forward_cached_padded(&ids, &mut cache, &left_pad)?;
         loop {
             let table = Self::logits_rows(&logits)?;
             let mut next = Vec::with_capacity(rows.len());
@@ -332,7 +342,8 @@ impl Worker {
                     token,
                     text,
                 });
-                let context_full = longest + row.generated >= self.model.config().max_position_embeddings;
+                let context_full =
+                    longest + row.generated >= self.model.config().max_position_embeddings;
                 let reason = if stop_at.is_some() {
                     Some(Finish::Stop)
                 } else if row.generated >= job.max_tokens || context_full {
@@ -355,7 +366,9 @@ impl Worker {
                 return Ok(());
             }
             let ids = Tensor::from_vec(next, (rows.len(), 1), &device)?;
-            logits = self.model.forward_cached_padded(&ids, &mut cache, &left_pad)?;
+            logits = self
+                .model
+                .forward_cached_padded(&ids, &mut cache, &left_pad)?;
         }
     }
 }

@@ -56,7 +56,10 @@ pub fn load_keys(path: &Path) -> Result<Vec<KeySpec>> {
             ));
         }
         if !seen.insert(k.key.clone()) {
-            return Err(Error::file(path, format!("key of '{}' appears twice", k.name)));
+            return Err(Error::file(
+                path,
+                format!("key of '{}' appears twice", k.name),
+            ));
         }
     }
     Ok(file.keys)
@@ -126,7 +129,10 @@ impl Guard {
     }
 
     /// The caller behind an `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> std::result::Result<Caller, ApiError> {
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> std::result::Result<Caller, ApiError> {
         let Some(keys) = &self.keys else {
             return Ok(Caller {
                 name: "anonymous".into(),
@@ -262,7 +268,13 @@ pub fn prompt_shape(text: &str) -> String {
         .take(6)
         .map(|w| {
             w.chars()
-                .map(|c| if c.is_ascii_digit() { '0' } else { c.to_ascii_lowercase() })
+                .map(|c| {
+                    if c.is_ascii_digit() {
+                        '0'
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                })
                 .collect::<String>()
         })
         .collect::<Vec<_>>()
@@ -459,9 +471,15 @@ mod tests {
             ));
         }
         // A person: 5 varied prompts over an hour, one repeated.
-        for (i, p) in ["hello there", "write a poem about rain", "hello there", "why is the sky blue", "thanks!"]
-            .iter()
-            .enumerate()
+        for (i, p) in [
+            "hello there",
+            "write a poem about rain",
+            "hello there",
+            "why is the sky blue",
+            "thanks!",
+        ]
+        .iter()
+        .enumerate()
         {
             recs.push(rec("alice", 600.0 * i as f64, p, false));
         }

@@ -55,7 +55,11 @@ impl ApiError {
         }
     }
 
-    pub fn rate_limited(message: impl Into<String>, kind: &'static str, retry_after_s: u64) -> Self {
+    pub fn rate_limited(
+        message: impl Into<String>,
+        kind: &'static str,
+        retry_after_s: u64,
+    ) -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: message.into(),
@@ -243,7 +247,10 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<GenSpec, ApiErro
         .with_code("invalid_json")
     })?;
     if !raw.is_object() {
-        return Err(ApiError::invalid("The request body must be a JSON object.", None));
+        return Err(ApiError::invalid(
+            "The request body must be a JSON object.",
+            None,
+        ));
     }
     let r: RequestIn = serde_json::from_value(raw)
         .map_err(|e| ApiError::invalid(format!("Invalid request: {e}"), None))?;
@@ -263,7 +270,8 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<GenSpec, ApiErro
             }
             let mut out = Vec::with_capacity(msgs.len());
             for m in msgs {
-                if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+                if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str())
+                {
                     return Err(ApiError::invalid(
                         format!("Invalid value for 'messages.role': '{}'.", m.role),
                         Some("messages"),
@@ -279,7 +287,11 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<GenSpec, ApiErro
                         .collect::<Vec<_>>()
                         .join(""),
                 };
-                let role = if m.role == "developer" { "system" } else { &m.role };
+                let role = if m.role == "developer" {
+                    "system"
+                } else {
+                    &m.role
+                };
                 out.push(ChatMessage::new(role, &content));
             }
             PromptIn::Messages(out)
@@ -430,8 +442,10 @@ mod tests {
 
     #[test]
     fn parses_and_refuses() {
-        let ok = chat(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-            "logprobs": true, "top_logprobs": 3, "max_completion_tokens": 7, "stop": "x"}))
+        let ok = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "logprobs": true, "top_logprobs": 3, "max_completion_tokens": 7, "stop": "x"}),
+        )
         .unwrap();
         assert_eq!(ok.top_logprobs, Some(3));
         assert_eq!(ok.max_tokens, Some(7));
@@ -439,20 +453,39 @@ mod tests {
         let bad = |body: Value, param: &str| {
             let e = chat(body).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
-            assert_eq!(e.param, Some(param).filter(|p| !p.is_empty()), "{}", e.message);
+            assert_eq!(
+                e.param,
+                Some(param).filter(|p| !p.is_empty()),
+                "{}",
+                e.message
+            );
         };
-        bad(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-            "logprobs": true, "top_logprobs": 21}), "top_logprobs");
-        bad(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": -1}), "max_tokens");
+        bad(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        );
+        bad(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": -1}),
+            "max_tokens",
+        );
         bad(json!({"model": "m", "messages": []}), "messages");
-        bad(json!({"messages": [{"role": "user", "content": "hi"}]}), "model");
-        bad(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 0}), "n");
+        bad(
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+            "model",
+        );
+        bad(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 0}),
+            "n",
+        );
         let e = parse_request(Endpoint::Chat, b"{not json").unwrap_err();
         assert_eq!(e.code, Some("invalid_json"));
         let e = parse_request(
             Endpoint::Completions,
-            json!({"model": "m", "prompt": "a", "logprobs": 6}).to_string().as_bytes(),
+            json!({"model": "m", "prompt": "a", "logprobs": 6})
+                .to_string()
+                .as_bytes(),
         )
         .unwrap_err();
         assert_eq!(e.param, Some("logprobs"));

@@ -4,7 +4,9 @@
 //! `GET /v1/admin/usage` (the distillation-pattern report over the audit log; admin keys only).
 
 use crate::engine::{Engine, Event, Finish, Job, TokenLogprob};
-use crate::guard::{prompt_shape, read_audit, report_markdown, usage_report, AuditRecord, Caller, Guard, KeySpec};
+use crate::guard::{
+    prompt_shape, read_audit, report_markdown, usage_report, AuditRecord, Caller, Guard, KeySpec,
+};
 use crate::protocol::{parse_request, ApiError, Endpoint, GenSpec, PromptIn, DEFAULT_MAX_TOKENS};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -64,7 +66,10 @@ impl AppState {
         let teacher = distill_teacher::Teacher::load(&opts.model_dir, &opts.device)?;
         let token_bytes = teacher.tokenizer.token_bytes_table();
         let stop_ids = teacher.tokenizer.stop_ids();
-        let model_name = opts.model_name.clone().unwrap_or_else(|| model_id(&opts.model_dir));
+        let model_name = opts
+            .model_name
+            .clone()
+            .unwrap_or_else(|| model_id(&opts.model_dir));
         let context = teacher.config.max_position_embeddings;
         let fingerprint = format!("distill-{}", &teacher.tokenizer.hash()[..10]);
         let engine = Engine::start(teacher.model, token_bytes.clone(), stop_ids, opts.max_batch);
@@ -81,7 +86,11 @@ impl AppState {
     }
 
     fn token_json(&self, id: u32, logprob: f32) -> Value {
-        let bytes = self.token_bytes.get(id as usize).cloned().unwrap_or_default();
+        let bytes = self
+            .token_bytes
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_default();
         json!({
             "token": String::from_utf8_lossy(&bytes),
             "logprob": logprob,
@@ -92,12 +101,17 @@ impl AppState {
     /// Chat `logprobs.content[]` entry.
     fn chat_logprob(&self, t: &TokenLogprob) -> Value {
         let mut v = self.token_json(t.id, t.logprob);
-        v["top_logprobs"] = t.top.iter().map(|&(id, lp)| self.token_json(id, lp)).collect();
+        v["top_logprobs"] = t
+            .top
+            .iter()
+            .map(|&(id, lp)| self.token_json(id, lp))
+            .collect();
         v
     }
 
     fn token_text(&self, id: u32) -> String {
-        String::from_utf8_lossy(self.token_bytes.get(id as usize).map_or(&[][..], |b| b)).into_owned()
+        String::from_utf8_lossy(self.token_bytes.get(id as usize).map_or(&[][..], |b| b))
+            .into_owned()
     }
 }
 
@@ -229,7 +243,12 @@ fn random_id(prefix: &str) -> String {
     format!("{prefix}-{n:032x}")
 }
 
-async fn handle(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    st: Arc<AppState>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let start = Instant::now();
     let caller = match st.guard.authenticate(authorization(&headers)) {
         Ok(c) => c,
@@ -289,7 +308,10 @@ async fn handle(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body:
         .with_code("context_length_exceeded")
         .into_response();
     }
-    let max_tokens = audit.spec.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(room));
+    let max_tokens = audit
+        .spec
+        .max_tokens
+        .unwrap_or(DEFAULT_MAX_TOKENS.min(room));
     let (tx, rx) = mpsc::unbounded_channel();
     let job = Job {
         prompt: prompt.clone(),
@@ -308,7 +330,7 @@ async fn handle(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body:
         return ApiError::server("The engine has stopped.").into_response();
     }
     if audit.spec.stream {
-        stream_response(audit, rx, prompt_text)
+        stream_response(audit, rx)
     } else {
         whole_response(audit, rx, prompt, prompt_text).await
     }
@@ -335,11 +357,19 @@ async fn whole_response(
     while choices.iter().any(|c| c.finish.is_none()) {
         match rx.recv().await {
             Some(Event::Prompt(s)) => prompt_scores = Some(s),
-            Some(Event::Token { choice, token, text }) => {
+            Some(Event::Token {
+                choice,
+                token,
+                text,
+            }) => {
                 choices[choice].text.push_str(&text);
                 choices[choice].tokens.push(token);
             }
-            Some(Event::Finished { choice, reason, text }) => {
+            Some(Event::Finished {
+                choice,
+                reason,
+                text,
+            }) => {
                 choices[choice].text.push_str(&text);
                 choices[choice].finish = Some(reason);
             }
@@ -445,16 +475,16 @@ fn completions_logprobs(st: &AppState, entries: &[(u32, Option<&TokenLogprob>)])
            "text_offset": text_offset})
 }
 
-fn stream_response(
-    audit: Audit,
-    mut rx: mpsc::UnboundedReceiver<Event>,
-    _prompt_text: String,
-) -> Response {
+fn stream_response(audit: Audit, mut rx: mpsc::UnboundedReceiver<Event>) -> Response {
     let (out_tx, out_rx) = mpsc::channel::<std::result::Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let st = audit.st.clone();
         let spec = audit.spec.clone();
-        let id = random_id(if spec.endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" });
+        let id = random_id(if spec.endpoint == Endpoint::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        });
         let created = now_unix() as u64;
         let chunk = |choices: Value, usage: Option<Value>| -> SseEvent {
             let mut v = match spec.endpoint {
@@ -493,17 +523,29 @@ fn stream_response(
             };
             let choices = match ev {
                 Event::Prompt(_) => continue,
-                Event::Token { choice, token, text } => {
+                Event::Token {
+                    choice,
+                    token,
+                    text,
+                } => {
                     completion_tokens += 1;
                     if chat {
-                        let lp = spec.top_logprobs.map(|_| json!({"content": [st.chat_logprob(&token)], "refusal": null}));
+                        let lp = spec.top_logprobs.map(
+                            |_| json!({"content": [st.chat_logprob(&token)], "refusal": null}),
+                        );
                         json!([{"index": choice, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}])
                     } else {
-                        let lp = spec.top_logprobs.map(|_| completions_logprobs(&st, &[(token.id, Some(&token))]));
+                        let lp = spec
+                            .top_logprobs
+                            .map(|_| completions_logprobs(&st, &[(token.id, Some(&token))]));
                         json!([{"index": choice, "text": text, "logprobs": lp, "finish_reason": null}])
                     }
                 }
-                Event::Finished { choice, reason, text } => {
+                Event::Finished {
+                    choice,
+                    reason,
+                    text,
+                } => {
                     finished += 1;
                     if !text.is_empty() {
                         let c = if chat {
@@ -523,7 +565,9 @@ fn stream_response(
                 }
                 Event::Error(e) => {
                     let err = ApiError::server(e).body();
-                    let _ = out_tx.send(Ok(SseEvent::default().data(err.to_string()))).await;
+                    let _ = out_tx
+                        .send(Ok(SseEvent::default().data(err.to_string())))
+                        .await;
                     failed = true;
                     break;
                 }

@@ -56,8 +56,15 @@ async fn start(keys: Option<Vec<KeySpec>>, rate_window: Duration, max_batch: usi
     }
 }
 
-async fn post(base: &str, path: &str, body: Value, key: Option<&str>) -> (u16, Value, reqwest::header::HeaderMap) {
-    let mut req = reqwest::Client::new().post(format!("{base}{path}")).json(&body);
+async fn post(
+    base: &str,
+    path: &str,
+    body: Value,
+    key: Option<&str>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body);
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
@@ -79,10 +86,18 @@ fn chat_body(prompt: &str, extra: Value) -> Value {
 
 /// The teacher's own log-softmax after `ids`, (V,).
 fn teacher_logprobs(model: &CausalLm, ids: &[u32]) -> Vec<f32> {
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward(&x).unwrap();
     let lp = distill_core::model::log_softmax(&logits).unwrap();
-    lp.squeeze(0).unwrap().get(ids.len() - 1).unwrap().to_vec1().unwrap()
+    lp.squeeze(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn load_teacher(dir: &Path) -> (CausalLm, Tokenizer) {
@@ -116,7 +131,10 @@ async fn chat_json_has_openai_shapes_and_the_teachers_logprobs() {
     assert_eq!(choices.len(), 2);
     let (model, tok) = load_teacher(&s.model_dir);
     let prompt_text = tok
-        .apply_chat_template(&[distill_core::ChatMessage::new("user", "hello there")], true)
+        .apply_chat_template(
+            &[distill_core::ChatMessage::new("user", "hello there")],
+            true,
+        )
         .unwrap();
     let prompt = tok.encode(&prompt_text, true).unwrap();
     let table = tok.token_bytes_table();
@@ -150,7 +168,10 @@ async fn chat_json_has_openai_shapes_and_the_teachers_logprobs() {
             ids.push(id);
         }
         if c["finish_reason"] == "length" {
-            assert_eq!(c["message"]["content"], String::from_utf8_lossy(&text_bytes).as_ref());
+            assert_eq!(
+                c["message"]["content"],
+                String::from_utf8_lossy(&text_bytes).as_ref()
+            );
         }
     }
     let u = &v["usage"];
@@ -183,25 +204,48 @@ async fn chat_json_has_openai_shapes_and_the_teachers_logprobs() {
     for j in 1..ids.len() {
         let want = teacher_logprobs(&model, &ids[..j])[ids[j] as usize];
         let got = lp["token_logprobs"][j].as_f64().unwrap() as f32;
-        assert!((got - want).abs() < 1e-4, "prompt token {j}: {got} vs {want}");
+        assert!(
+            (got - want).abs() < 1e-4,
+            "prompt token {j}: {got} vs {want}"
+        );
         assert_eq!(lp["top_logprobs"][j].as_object().unwrap().len(), 2);
     }
     assert_eq!(lp["text_offset"][0], 0);
 
     // Models and health.
-    let m: Value = reqwest::get(format!("{}/v1/models", s.base)).await.unwrap().json().await.unwrap();
+    let m: Value = reqwest::get(format!("{}/v1/models", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], "tiny");
     assert_eq!(m["data"][0]["object"], "model");
-    let h: Value = reqwest::get(format!("{}/health", s.base)).await.unwrap().json().await.unwrap();
+    let h: Value = reqwest::get(format!("{}/health", s.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(h["status"], "ok");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batched_requests_equal_single_ones() {
     let s = start(None, Duration::from_secs(60), 8).await;
-    let prompts = ["a", "the old man ran past", "hi", "my friend slept near the bird today"];
-    let body = |p: &str| chat_body(p, json!({"temperature": 0, "max_tokens": 10, "logprobs": true}));
+    let prompts = [
+        "a",
+        "the old man ran past",
+        "hi",
+        "my friend slept near the bird today",
+    ];
+    let body = |p: &str| {
+        chat_body(
+            p,
+            json!({"temperature": 0, "max_tokens": 10, "logprobs": true}),
+        )
+    };
     // One at a time...
     let mut alone = Vec::new();
     for p in prompts {
@@ -223,7 +267,10 @@ async fn batched_requests_equal_single_ones() {
             let (st, v, _) = f.await.unwrap();
             assert_eq!(st, 200);
             assert_eq!(v["choices"][0]["message"], a["choices"][0]["message"]);
-            let (x, y) = (&v["choices"][0]["logprobs"]["content"], &a["choices"][0]["logprobs"]["content"]);
+            let (x, y) = (
+                &v["choices"][0]["logprobs"]["content"],
+                &a["choices"][0]["logprobs"]["content"],
+            );
             for (tx, ty) in x.as_array().unwrap().iter().zip(y.as_array().unwrap()) {
                 assert_eq!(tx["token"], ty["token"]);
                 let d = (tx["logprob"].as_f64().unwrap() - ty["logprob"].as_f64().unwrap()).abs();
@@ -245,7 +292,13 @@ fn sse_data(body: &str) -> Vec<String> {
 async fn streaming_chunks_add_up_to_the_whole_answer() {
     let s = start(None, Duration::from_secs(60), 8).await;
     let extra = json!({"temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 2});
-    let (_, whole, _) = post(&s.base, "/v1/chat/completions", chat_body("tell me", extra.clone()), None).await;
+    let (_, whole, _) = post(
+        &s.base,
+        "/v1/chat/completions",
+        chat_body("tell me", extra.clone()),
+        None,
+    )
+    .await;
     let mut b = chat_body("tell me", extra);
     b["stream"] = json!(true);
     b["stream_options"] = json!({"include_usage": true});
@@ -256,7 +309,10 @@ async fn streaming_chunks_add_up_to_the_whole_answer() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let data = sse_data(&resp.text().await.unwrap());
     assert_eq!(data.last().unwrap(), "[DONE]");
     let chunks: Vec<Value> = data[..data.len() - 1]
@@ -286,7 +342,10 @@ async fn streaming_chunks_add_up_to_the_whole_answer() {
     assert_eq!(&Value::Array(tokens), &w["logprobs"]["content"]);
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage, &whole["usage"], "the last chunk carries the usage");
-    assert!(chunks.last().unwrap()["choices"].as_array().unwrap().is_empty());
+    assert!(chunks.last().unwrap()["choices"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 
     // Completions stream too.
     let resp = reqwest::Client::new()
@@ -317,8 +376,14 @@ async fn malformed_requests_get_400_and_the_server_stays_up() {
     assert_error_shape(&v);
     assert_eq!(v["error"]["type"], "invalid_request_error");
     let cases = [
-        (json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), "model"),
-        (chat_body("x", json!({"logprobs": true, "top_logprobs": 21})), "top_logprobs"),
+        (
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+            "model",
+        ),
+        (
+            chat_body("x", json!({"logprobs": true, "top_logprobs": 21})),
+            "top_logprobs",
+        ),
         (chat_body("x", json!({"max_tokens": -1})), "max_tokens"),
         (chat_body("x", json!({"temperature": 5})), "temperature"),
         (chat_body("x", json!({"max_tokens": 100000})), "messages"),
@@ -330,14 +395,26 @@ async fn malformed_requests_get_400_and_the_server_stays_up() {
         assert_error_shape(&v);
         assert_eq!(v["error"]["param"], param, "{v}");
     }
-    let (st, v, _) = post(&s.base, "/v1/completions", json!({"model": "tiny", "prompt": "x", "logprobs": 6}), None).await;
+    let (st, v, _) = post(
+        &s.base,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "x", "logprobs": 6}),
+        None,
+    )
+    .await;
     assert_eq!(st, 400);
     assert_error_shape(&v);
     let (st, v, _) = post(&s.base, "/v1/nope", json!({}), None).await;
     assert_eq!(st, 404);
     assert_error_shape(&v);
     // Still serving.
-    let (st, _, _) = post(&s.base, "/v1/chat/completions", chat_body("x", json!({"max_tokens": 2})), None).await;
+    let (st, _, _) = post(
+        &s.base,
+        "/v1/chat/completions",
+        chat_body("x", json!({"max_tokens": 2})),
+        None,
+    )
+    .await;
     assert_eq!(st, 200);
 }
 
@@ -363,14 +440,32 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
         8,
     )
     .await;
-    let (st, v, _) = post(&s.base, "/v1/chat/completions", chat_body("x", json!({"max_tokens": 1})), None).await;
+    let (st, v, _) = post(
+        &s.base,
+        "/v1/chat/completions",
+        chat_body("x", json!({"max_tokens": 1})),
+        None,
+    )
+    .await;
     assert_eq!(st, 401);
     assert_error_shape(&v);
-    let (st, _, _) = post(&s.base, "/v1/chat/completions", chat_body("x", json!({"max_tokens": 1})), Some("sk-wrong-key")).await;
+    let (st, _, _) = post(
+        &s.base,
+        "/v1/chat/completions",
+        chat_body("x", json!({"max_tokens": 1})),
+        Some("sk-wrong-key"),
+    )
+    .await;
     assert_eq!(st, 401);
     let mut saw_429 = false;
     for _ in 0..5 {
-        let (st, v, h) = post(&s.base, "/v1/chat/completions", chat_body("x", json!({"max_tokens": 1})), Some("sk-collector-1")).await;
+        let (st, v, h) = post(
+            &s.base,
+            "/v1/chat/completions",
+            chat_body("x", json!({"max_tokens": 1})),
+            Some("sk-collector-1"),
+        )
+        .await;
         if st == 429 {
             saw_429 = true;
             assert_error_shape(&v);
@@ -383,7 +478,9 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
 
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("prompts.txt");
-    let lines: Vec<String> = (0..12).map(|i| format!("Question {i}: what comes next?")).collect();
+    let lines: Vec<String> = (0..12)
+        .map(|i| format!("Question {i}: what comes next?"))
+        .collect();
     std::fs::write(&prompts, lines.join("\n")).unwrap();
     let opts = CollectOptions {
         endpoint: s.base.clone(),
@@ -404,7 +501,10 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
     let summary = collect(&opts, |_| {}).await.unwrap();
     assert!(summary.failures.is_empty(), "{:?}", summary.failures);
     assert_eq!(summary.progress.done, 12);
-    assert!(summary.progress.rate_limited > 0, "the quota must have been hit");
+    assert!(
+        summary.progress.rate_limited > 0,
+        "the quota must have been hit"
+    );
     let lines = std::fs::read_to_string(dir.path().join("out/responses.jsonl")).unwrap();
     let mut idx: Vec<usize> = lines
         .lines()
@@ -417,19 +517,40 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
     idx.sort();
     assert_eq!(idx, (0..12).collect::<Vec<_>>());
     // A second run without --resume refuses; with it, there is nothing left to do.
-    assert!(collect(&opts, |_| {}).await.unwrap_err().to_string().contains("--resume"));
-    let again = collect(&CollectOptions { resume: true, ..opts.clone() }, |_| {}).await.unwrap();
-    assert_eq!((again.progress.done, again.progress.skipped), (0, 12));
-    // Other settings on resume are refused.
-    let e = collect(&CollectOptions { resume: true, max_tokens: 9, ..opts.clone() }, |_| {})
+    assert!(collect(&opts, |_| {})
         .await
         .unwrap_err()
-        .to_string();
+        .to_string()
+        .contains("--resume"));
+    let again = collect(
+        &CollectOptions {
+            resume: true,
+            ..opts.clone()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.progress.done, again.progress.skipped), (0, 12));
+    // Other settings on resume are refused.
+    let e = collect(
+        &CollectOptions {
+            resume: true,
+            max_tokens: 9,
+            ..opts.clone()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("collect.json") && e.contains("sampling"), "{e}");
 
     // The audit log and the report see the collection.
     let records = read_audit(&s.audit).unwrap();
-    assert!(records.iter().any(|r| r.status == 429 && r.key == "collector"));
+    assert!(records
+        .iter()
+        .any(|r| r.status == 429 && r.key == "collector"));
     let resp = reqwest::Client::new()
         .get(format!("{}/v1/admin/usage", s.base))
         .bearer_auth("sk-collector-1")
@@ -451,5 +572,173 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
     assert!(c["requests"].as_u64().unwrap() >= 12);
     assert!(c["rate_limited"].as_u64().unwrap() >= 1);
     assert!(c["logprobs_share"].as_f64().unwrap() > 0.5);
-    assert!(report["markdown"].as_str().unwrap().contains("| collector |"));
+    assert!(report["markdown"]
+        .as_str()
+        .unwrap()
+        .contains("| collector |"));
+}
+
+/// A model dir with the teacher's config and tokenizer but no weights: all a black-box student
+/// run knows of the teacher.
+fn weightless_copy(model_dir: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(model_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collected_answers_become_masked_tokens_and_api_targets_that_train_a_student() {
+    use distill_api::convert::{prepare_collected, PrepareCollectedOptions};
+    use distill_core::cache::{CacheExpect, TeacherCache, TeacherTargets};
+    use distill_core::shards::TokenShards;
+    let s = start(None, Duration::from_secs(60), 8).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    let lines: Vec<String> = (0..16).map(|i| format!("tell me about {i}")).collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let collected = dir.path().join("collected");
+    let opts = CollectOptions {
+        endpoint: s.base.clone(),
+        api_key: None,
+        model: None,
+        prompts,
+        out: collected.clone(),
+        concurrency: 4,
+        top_logprobs: Some(4),
+        max_tokens: 16,
+        temperature: 0.0,
+        seed: None,
+        system: None,
+        resume: false,
+        max_retries: 1,
+        limit: None,
+    };
+    collect(&opts, |_| {}).await.unwrap();
+    let out = dir.path().join("prepared");
+    let summary = prepare_collected(&PrepareCollectedOptions {
+        collected: collected.clone(),
+        tokenizer: s.model_dir.clone(),
+        out: out.clone(),
+        seq_len: 64,
+        shard_sequences: 8,
+    })
+    .unwrap();
+    assert_eq!(
+        (summary.answers, summary.sequences, summary.unmapped),
+        (16, 16, 0)
+    );
+    assert_eq!(summary.cache.as_ref().unwrap().1, 4);
+
+    // Sequence 0 is prompt 0: the chat-templated prompt (masked), then the API's tokens (targets).
+    let (model, tok) = load_teacher(&s.model_dir);
+    let answers = distill_api::convert::read_collection(&collected).unwrap().1;
+    let a = &answers[0];
+    let shards = TokenShards::open(&out.join("tokens"), "train").unwrap();
+    let ids = shards.sequence(0);
+    let mask = shards.target_mask(0).unwrap();
+    let prompt = tok
+        .encode(&tok.apply_chat_template(&a.messages, true).unwrap(), true)
+        .unwrap();
+    assert_eq!(&ids[..prompt.len()], &prompt[..]);
+    assert!(mask[..prompt.len()].iter().all(|&m| m == 0));
+    let api_tokens = a.logprobs.as_ref().unwrap();
+    let table = tok.token_bytes_table();
+    for (j, t) in api_tokens.iter().enumerate() {
+        let id = ids[prompt.len() + j];
+        assert_eq!(Some(&table[id as usize]), t.bytes.as_ref());
+        assert_eq!(mask[prompt.len() + j], 1);
+    }
+    // The cached alternatives at the position before each completion token are the API's, which
+    // are the teacher's own log-softmax.
+    let meta = distill_core::shards::TokenShardsMeta::read(&out.join("tokens")).unwrap();
+    let cache = TeacherCache::open(
+        &out.join("cache"),
+        &meta,
+        &CacheExpect {
+            tokenizer_hash: Some(tok.hash()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let TeacherTargets::Sparse {
+        ids: cids,
+        logprobs,
+        ..
+    } = cache.targets("train", &[0], &Device::Cpu).unwrap()
+    else {
+        panic!("a cache gives sparse targets")
+    };
+    let cids: Vec<Vec<Vec<u32>>> = cids.to_vec3().unwrap();
+    let clps: Vec<Vec<Vec<f32>>> = logprobs.to_vec3().unwrap();
+    for j in 0..api_tokens.len().min(64 - prompt.len()) {
+        let pos = prompt.len() + j - 1;
+        let lp = teacher_logprobs(&model, &ids[..pos + 1]);
+        for (alt, (&id, &l)) in api_tokens[j]
+            .top_logprobs
+            .iter()
+            .zip(cids[0][pos].iter().zip(&clps[0][pos]))
+        {
+            assert_eq!(Some(&table[id as usize]), alt.bytes.as_ref());
+            assert!(
+                (l - lp[id as usize]).abs() < 1e-4,
+                "position {pos}: {l} vs {}",
+                lp[id as usize]
+            );
+        }
+    }
+
+    // Both kinds of data train a student that knows the teacher only through the API: no weights
+    // in its teacher dir.
+    let blind = dir.path().join("tokenizer-only");
+    weightless_copy(&s.model_dir, &blind);
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    for (name, extra) in [
+        (
+            "sparse",
+            vec![format!("data.cache=\"{}\"", out.join("cache").display())],
+        ),
+        (
+            "text",
+            vec![
+                "loss.alpha_kd=0.0".to_string(),
+                "loss.alpha_ce=1.0".to_string(),
+            ],
+        ),
+    ] {
+        let mut sets = vec![
+            format!("teacher.model=\"{}\"", blind.display()),
+            format!("data.tokens=\"{}\"", out.join("tokens").display()),
+            "train.max_steps=30".into(),
+            "train.eval_every=0".into(),
+            "train.checkpoint_every=0".into(),
+            "loss.temperature=1.0".into(),
+        ];
+        sets.extend(extra);
+        let cfg = distill_train::config::RunConfig::load(&tiny, &sets).unwrap();
+        let run = dir.path().join(format!("run-{name}"));
+        let mut losses = Vec::new();
+        distill_train::trainer::train(
+            cfg,
+            &distill_train::trainer::RunOptions {
+                out: run.clone(),
+                resume: false,
+                ignore_memory_plan: false,
+                stop_after: None,
+            },
+            |e| {
+                if let distill_train::trainer::Event::Step(m) = e {
+                    losses.push(m.loss);
+                }
+            },
+        )
+        .unwrap();
+        assert!(run.join("final/model.safetensors").exists());
+        let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+        let last: f32 = losses[losses.len() - 5..].iter().sum::<f32>() / 5.0;
+        assert!(last < first * 0.9, "{name}: loss {first} → {last}");
+    }
 }

@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use distill_api::client::{collect, CollectOptions};
+use distill_api::convert::{prepare_collected, PrepareCollectedOptions};
 use distill_api::guard::{load_keys, read_audit, report_markdown, usage_report};
 use distill_api::server::{serve, AppState, ServeOptions};
 use distill_core::parse_device;
@@ -75,7 +76,11 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
             listener.local_addr()?,
             model.display(),
             opts.max_batch,
-            if opts.keys.is_some() { "; API keys required" } else { "; no API keys" },
+            if opts.keys.is_some() {
+                "; API keys required"
+            } else {
+                "; no API keys"
+            },
         );
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
@@ -178,7 +183,11 @@ pub fn collect_cmd(a: CollectArgs) -> Result<()> {
         bar.set_message(msg.clone());
         if !tty && (last_log.elapsed().as_secs() >= 5 || p.skipped + p.done + p.failed == p.total) {
             last_log = Instant::now();
-            eprintln!("collect: {}/{} ({msg})", p.skipped + p.done + p.failed, p.total);
+            eprintln!(
+                "collect: {}/{} ({msg})",
+                p.skipped + p.done + p.failed,
+                p.total
+            );
         }
     }))?;
     bar.finish_and_clear();
@@ -199,6 +208,58 @@ pub fn collect_cmd(a: CollectArgs) -> Result<()> {
             summary.failures.len(),
             p.total,
         );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PrepareCollectedArgs {
+    /// A `distill collect --out` dir.
+    #[arg(long)]
+    collected: PathBuf,
+    /// A model dir with the API model's tokenizer (tokenizer.json; config.json for the vocabulary).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output dir: tokens/ (masked token shards) and, when the answers carry logprobs, cache/.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 4096)]
+    shard_sequences: usize,
+}
+
+pub fn prepare_collected_cmd(a: PrepareCollectedArgs) -> Result<()> {
+    let s = prepare_collected(&PrepareCollectedOptions {
+        collected: a.collected,
+        tokenizer: a.tokenizer,
+        out: a.out,
+        seq_len: a.seq_len,
+        shard_sequences: a.shard_sequences,
+    })?;
+    eprintln!(
+        "{} answers → {} sequences of {} ({} target tokens; {} truncated, {} skipped) → {}",
+        s.answers,
+        s.sequences,
+        a.seq_len,
+        s.target_tokens,
+        s.truncated,
+        s.skipped,
+        s.tokens_dir.display()
+    );
+    if s.unmapped > 0 {
+        eprintln!(
+            "{} API tokens matched no id of the tokenizer (masked), e.g. {}",
+            s.unmapped,
+            s.unmapped_examples.join(", ")
+        );
+    }
+    match &s.cache {
+        Some((dir, k)) => eprintln!(
+            "sparse teacher targets (top-{k} logprobs from the API) → {}",
+            dir.display()
+        ),
+        None => eprintln!("no logprobs in the answers: no teacher cache (text-only distillation)"),
     }
     Ok(())
 }

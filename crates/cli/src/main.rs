@@ -50,6 +50,9 @@ enum Command {
     /// Collect a teacher's answers (and top logprobs) from an OpenAI-compatible API, resumably.
     #[cfg(feature = "api")]
     Collect(api_cmd::CollectArgs),
+    /// Turn collected answers into masked token shards and (with logprobs) a teacher cache.
+    #[cfg(feature = "api")]
+    PrepareCollected(api_cmd::PrepareCollectedArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -208,6 +211,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => api_cmd::serve_cmd(a),
         #[cfg(feature = "api")]
         Command::Collect(a) => api_cmd::collect_cmd(a),
+        #[cfg(feature = "api")]
+        Command::PrepareCollected(a) => api_cmd::prepare_collected_cmd(a),
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Train(a)) => train_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),

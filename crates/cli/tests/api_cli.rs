@@ -26,7 +26,13 @@ impl Drop for Served {
 
 fn serve(model: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
-        .args(["serve", "--model", model.to_str().unwrap(), "--addr", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()
@@ -48,7 +54,11 @@ fn indices(path: &Path) -> Vec<usize> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["index"].as_u64().unwrap() as usize)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+                .as_u64()
+                .unwrap() as usize
+        })
         .collect()
 }
 
@@ -92,20 +102,29 @@ fn collect_killed_mid_run_resumes_without_duplicates_or_loss() {
     let responses = out.join("responses.jsonl");
     let t0 = Instant::now();
     while indices(&responses).len() < 10 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "collect made no progress");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "collect made no progress"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = indices(&responses).len();
-    assert!(before < n, "killed too late to test anything ({before} of {n})");
+    assert!(
+        before < n,
+        "killed too late to test anything ({before} of {n})"
+    );
 
     // Without --resume the used dir is refused, one line, nothing lost.
     let o = Command::new(BIN).args(args(false)).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     let last = err.trim().lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: ") && last.contains("--resume"), "{err}");
+    assert!(
+        last.starts_with("error: ") && last.contains("--resume"),
+        "{err}"
+    );
     assert!(indices(&responses).len() >= before);
 
     let o = Command::new(BIN).args(args(true)).output().unwrap();
@@ -140,27 +159,95 @@ fn serve_and_collect_refuse_bad_input_in_one_line() {
     let model = dir.path().join("teacher");
     write_tiny_model_dir(&model, &tiny_config(), 5).unwrap();
     one_line_error(
-        &["serve", "--model", model.to_str().unwrap(), "--keys", keys.to_str().unwrap()],
+        &[
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--keys",
+            keys.to_str().unwrap(),
+        ],
         "keys.toml",
     );
-    std::fs::write(&keys, "[[keys]]\nkey = \"sk-abcdefgh\"\nname = \"a\"\nquota = 3\n").unwrap();
+    std::fs::write(
+        &keys,
+        "[[keys]]\nkey = \"sk-abcdefgh\"\nname = \"a\"\nquota = 3\n",
+    )
+    .unwrap();
     one_line_error(
-        &["serve", "--model", model.to_str().unwrap(), "--keys", keys.to_str().unwrap()],
+        &[
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--keys",
+            keys.to_str().unwrap(),
+        ],
         "quota",
     );
     let audit = dir.path().join("audit.jsonl");
     std::fs::write(&audit, "{\"not\": \"a record\"}\n{}\n").unwrap();
-    one_line_error(&["serve", "--report", audit.to_str().unwrap()], "audit.jsonl");
+    one_line_error(
+        &["serve", "--report", audit.to_str().unwrap()],
+        "audit.jsonl",
+    );
     let prompts = dir.path().join("prompts.txt");
     std::fs::write(&prompts, "\n").unwrap();
     one_line_error(
-        &["collect", "--endpoint", "http://127.0.0.1:9", "--prompts", prompts.to_str().unwrap(), "--out", dir.path().join("o").to_str().unwrap(), "--model", "m"],
+        &[
+            "collect",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            dir.path().join("o").to_str().unwrap(),
+            "--model",
+            "m",
+        ],
         "prompts.txt",
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    one_line_error(
+        &[
+            "prepare-collected",
+            "--collected",
+            empty.to_str().unwrap(),
+            "--tokenizer",
+            model.to_str().unwrap(),
+            "--out",
+            dir.path().join("p").to_str().unwrap(),
+        ],
+        "not a collection",
+    );
+    std::fs::write(empty.join("collect.json"), "{}").unwrap();
+    one_line_error(
+        &[
+            "prepare-collected",
+            "--collected",
+            empty.to_str().unwrap(),
+            "--tokenizer",
+            model.to_str().unwrap(),
+            "--out",
+            dir.path().join("p").to_str().unwrap(),
+        ],
+        "collect.json",
     );
     std::fs::write(&prompts, "hello\n").unwrap();
     // Nothing listens on port 9: retried, then reported.
     one_line_error(
-        &["collect", "--endpoint", "http://127.0.0.1:9", "--prompts", prompts.to_str().unwrap(), "--out", dir.path().join("o2").to_str().unwrap(), "--model", "m", "--max-retries", "1"],
+        &[
+            "collect",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            dir.path().join("o2").to_str().unwrap(),
+            "--model",
+            "m",
+            "--max-retries",
+            "1",
+        ],
         "prompts failed",
     );
 }

@@ -33,6 +33,10 @@ use std::path::{Path, PathBuf};
 pub const CACHE_FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 
+/// `teacher_hash` prefix of a cache built from a teacher's API answers (`api:MODEL`): there are no
+/// weights to hash, so readers check only the tokenizer and tokens.
+pub const API_TEACHER_PREFIX: &str = "api:";
+
 /// What the trainer gets for a batch, from a cache or from a live teacher.
 #[derive(Debug, Clone)]
 pub enum TeacherTargets {

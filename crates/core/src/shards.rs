@@ -20,6 +20,17 @@ pub struct ShardMeta {
     pub file: String,
     pub sequences: u64,
     pub sha256: String,
+    /// Masked splits: sha256 of the shard's target mask (`shard-NNNNN.mask`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_sha256: Option<String>,
+}
+
+/// The target mask file beside a shard file: `train/shard-00000.bin` → `train/shard-00000.mask`.
+pub fn mask_file(shard_file: &str) -> String {
+    format!(
+        "{}.mask",
+        shard_file.strip_suffix(".bin").unwrap_or(shard_file)
+    )
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -30,6 +41,11 @@ pub struct SplitMeta {
     pub bytes: u64,
     pub documents: u64,
     pub shards: Vec<ShardMeta>,
+    /// Whether each shard has a target mask: one byte per token, 1 where the token is a training
+    /// target (predicted from the tokens before it), 0 where it is context only (a prompt, or
+    /// padding). Unmasked splits train on every token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub masked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,7 +106,10 @@ pub struct SplitWriter {
     shard_sequences: usize,
     pending: Vec<u32>,
     current: Option<(std::io::BufWriter<std::fs::File>, PathBuf, u64, Sha256)>,
+    /// The open shard's target mask (masked splits).
+    current_mask: Option<(std::io::BufWriter<std::fs::File>, PathBuf, Sha256)>,
     written: Vec<(PathBuf, ShardMeta)>,
+    written_masks: Vec<PathBuf>,
     pub meta: SplitMeta,
 }
 
@@ -103,13 +122,20 @@ impl SplitWriter {
             shard_sequences: shard_sequences.max(1),
             pending: Vec::new(),
             current: None,
+            current_mask: None,
             written: Vec::new(),
+            written_masks: Vec::new(),
             meta: SplitMeta::default(),
         }
     }
 
     /// Appends one document (its ids, then EOS).
     pub fn push_document(&mut self, ids: &[u32], eos: u32, bytes: u64) -> Result<()> {
+        if self.meta.masked {
+            return Err(Error::Msg(
+                "a masked split takes whole sequences (push_sequence), not documents".into(),
+            ));
+        }
         self.pending.extend_from_slice(ids);
         self.pending.push(eos);
         self.meta.documents += 1;
@@ -118,13 +144,35 @@ impl SplitWriter {
         if full > 0 {
             let seqs: Vec<u32> = self.pending.drain(..full).collect();
             for seq in seqs.chunks(self.seq_len) {
-                self.write_sequence(seq)?;
+                self.write_sequence(seq, None)?;
             }
         }
         Ok(())
     }
 
-    fn write_sequence(&mut self, seq: &[u32]) -> Result<()> {
+    /// Appends one sequence of exactly `seq_len` ids with its target mask (1 = train on this
+    /// token), making the split a masked one. `bytes`: the text it came from, for bits-per-byte.
+    pub fn push_sequence(&mut self, ids: &[u32], mask: &[u8], bytes: u64) -> Result<()> {
+        if ids.len() != self.seq_len || mask.len() != self.seq_len {
+            return Err(Error::Msg(format!(
+                "push_sequence: {} ids and {} mask bytes for sequences of {}",
+                ids.len(),
+                mask.len(),
+                self.seq_len
+            )));
+        }
+        if !self.meta.masked && self.meta.sequences > 0 {
+            return Err(Error::Msg(
+                "push_sequence on a split that already holds packed documents".into(),
+            ));
+        }
+        self.meta.masked = true;
+        self.meta.documents += 1;
+        self.meta.bytes += bytes;
+        self.write_sequence(ids, Some(mask))
+    }
+
+    fn write_sequence(&mut self, seq: &[u32], mask: Option<&[u8]>) -> Result<()> {
         if self.current.is_none() {
             let name = format!("{}/shard-{:05}.bin", self.split, self.written.len());
             let path = self.dir.join(&name);
@@ -134,6 +182,16 @@ impl SplitWriter {
             }
             let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
             self.current = Some((std::io::BufWriter::new(f), tmp, 0, Sha256::new()));
+            if mask.is_some() {
+                let mpath = self.dir.join(mask_file(&name));
+                let mtmp = crate::error::tmp_name(&mpath);
+                let f = std::fs::File::create(&mtmp).map_err(|e| Error::io(&mtmp, e))?;
+                self.current_mask = Some((std::io::BufWriter::new(f), mtmp, Sha256::new()));
+            }
+        }
+        if let (Some(mask), Some((w, tmp, hasher))) = (mask, self.current_mask.as_mut()) {
+            w.write_all(mask).map_err(|e| Error::io(&*tmp, e))?;
+            hasher.update(mask);
         }
         let (w, tmp, n, hasher) = self.current.as_mut().expect("just opened");
         let bytes: Vec<u8> = seq.iter().flat_map(|t| t.to_le_bytes()).collect();
@@ -152,12 +210,21 @@ impl SplitWriter {
         if let Some((mut w, tmp, n, hasher)) = self.current.take() {
             w.flush().map_err(|e| Error::io(&tmp, e))?;
             let name = format!("{}/shard-{:05}.bin", self.split, self.written.len());
+            let mask_sha256 = match self.current_mask.take() {
+                Some((mut w, mtmp, mh)) => {
+                    w.flush().map_err(|e| Error::io(&mtmp, e))?;
+                    self.written_masks.push(mtmp);
+                    Some(hex(&mh.finalize()))
+                }
+                None => None,
+            };
             self.written.push((
                 tmp,
                 ShardMeta {
                     file: name,
                     sequences: n,
                     sha256: hex(&hasher.finalize()),
+                    mask_sha256,
                 },
             ));
         }
@@ -172,6 +239,10 @@ impl SplitWriter {
             let dst = self.dir.join(&shard.file);
             std::fs::rename(tmp, &dst).map_err(|e| Error::io(&dst, e))?;
         }
+        for (mtmp, (_, shard)) in self.written_masks.iter().zip(&self.written) {
+            let dst = self.dir.join(mask_file(&shard.file));
+            std::fs::rename(mtmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
         self.meta.shards = self.written.into_iter().map(|(_, s)| s).collect();
         Ok(self.meta)
     }
@@ -182,6 +253,8 @@ pub struct TokenShards {
     pub meta: TokenShardsMeta,
     pub split: String,
     maps: Vec<memmap2::Mmap>,
+    /// Target masks, for masked splits.
+    masks: Vec<memmap2::Mmap>,
     /// Cumulative sequence counts: shard i holds sequences offsets[i]..offsets[i+1].
     offsets: Vec<u64>,
     dir: PathBuf,
@@ -204,8 +277,26 @@ impl TokenShards {
             ));
         }
         let mut maps = Vec::new();
+        let mut masks = Vec::new();
         let mut offsets = vec![0u64];
         for s in &sm.shards {
+            if sm.masked {
+                let path = dir.join(mask_file(&s.file));
+                let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+                // SAFETY: as for the shards below.
+                let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
+                let want = s.sequences * meta.seq_len as u64;
+                if map.len() as u64 != want {
+                    return Err(Error::file(
+                        &path,
+                        format!(
+                            "target mask is {} bytes, meta.json says {want}: truncated or corrupt",
+                            map.len()
+                        ),
+                    ));
+                }
+                masks.push(map);
+            }
             let path = dir.join(&s.file);
             let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: shard files are written once and never modified in place.
@@ -226,6 +317,7 @@ impl TokenShards {
         Ok(Self {
             split: split.to_string(),
             maps,
+            masks,
             offsets,
             dir: dir.to_path_buf(),
             meta,
@@ -246,6 +338,18 @@ impl TokenShards {
 
     pub fn seq_len(&self) -> usize {
         self.meta.seq_len
+    }
+
+    /// Sequence `i`'s target mask (seq_len bytes, 1 = a training target), or None for an
+    /// unmasked split (every token is a target).
+    pub fn target_mask(&self, i: usize) -> Option<&[u8]> {
+        if self.masks.is_empty() {
+            return None;
+        }
+        let shard = self.offsets.partition_point(|&o| o <= i as u64) - 1;
+        let local = i - self.offsets[shard] as usize;
+        let n = self.meta.seq_len;
+        Some(&self.masks[shard][local * n..(local + 1) * n])
     }
 
     /// Sequence `i` (seq_len ids).
@@ -349,5 +453,57 @@ impl<'a> BatchReader<'a> {
             self.cursor.index += 1;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_masked(dir: &Path) -> Result<()> {
+        let mut w = SplitWriter::new(dir, "train", 4, 2);
+        w.push_sequence(&[1, 2, 3, 0], &[0, 1, 1, 0], 10)?;
+        w.push_sequence(&[4, 5, 6, 7], &[0, 0, 1, 1], 12)?;
+        w.push_sequence(&[8, 9, 0, 0], &[0, 1, 0, 0], 5)?;
+        assert!(
+            w.push_document(&[1], 0, 1).is_err(),
+            "no documents in a masked split"
+        );
+        let split = w.finish()?;
+        assert!(split.masked);
+        assert_eq!(split.shards.len(), 2);
+        TokenShardsMeta {
+            format_version: FORMAT_VERSION,
+            tokenizer_hash: "t".into(),
+            seq_len: 4,
+            eos_id: 0,
+            vocab_size: 10,
+            splits: BTreeMap::from([("train".to_string(), split)]),
+            sources: vec![],
+        }
+        .write(dir)
+    }
+
+    #[test]
+    fn masked_splits_round_trip_and_refuse_truncated_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        write_masked(dir.path()).unwrap();
+        let s = TokenShards::open(dir.path(), "train").unwrap();
+        assert_eq!(s.sequence(1), vec![4, 5, 6, 7]);
+        assert_eq!(s.target_mask(1), Some(&[0u8, 0, 1, 1][..]));
+        assert_eq!(s.target_mask(2), Some(&[0u8, 1, 0, 0][..]));
+        let mask = dir.path().join("train/shard-00001.mask");
+        std::fs::write(&mask, [0u8, 1]).unwrap();
+        let e = TokenShards::open(dir.path(), "train")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("shard-00001.mask") && e.contains("truncated"),
+            "{e}"
+        );
+        // Wrong lengths are refused.
+        let mut w = SplitWriter::new(dir.path(), "x", 4, 2);
+        assert!(w.push_sequence(&[1, 2], &[1, 1], 0).is_err());
     }
 }

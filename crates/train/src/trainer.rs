@@ -139,7 +139,14 @@ pub struct RunSummary {
 
 enum Targets {
     Cache(TeacherCache),
-    Live { model: CausalLm, top_k: usize },
+    Live {
+        model: CausalLm,
+        top_k: usize,
+    },
+    /// No teacher model: `alpha_kd = 0` without a cache, i.e. learning from text alone — plain
+    /// cross-entropy, or sequence-level distillation when the text is a teacher's answers. The
+    /// data's own next tokens stand in as one-hot targets (KL to them is the cross-entropy).
+    OneHot,
 }
 
 struct Setup {
@@ -181,8 +188,21 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
     };
     let (targets, teacher_vocab) = match &cfg.data.cache {
         Some(dir) => {
+            // A cache built from a teacher's API answers (`distill prepare-collected`) names the
+            // API's model, not weights: only its tokenizer and tokens can be checked.
+            let from_api = distill_core::cache::load_manifest(dir)
+                .map(|m| {
+                    m.settings
+                        .teacher_hash
+                        .starts_with(distill_core::cache::API_TEACHER_PREFIX)
+                })
+                .unwrap_or(false);
             let expect = CacheExpect {
-                teacher_hash: Some(distill_core::weights::model_hash(tdir)?),
+                teacher_hash: if from_api {
+                    None
+                } else {
+                    Some(distill_core::weights::model_hash(tdir)?)
+                },
                 tokenizer_hash: Some(tokenizer.hash()),
                 tokens_hash: None,
             };
@@ -190,6 +210,7 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
             let v = cache.settings().vocab_size;
             (Targets::Cache(cache), v)
         }
+        None if cfg.loss.alpha_kd == 0.0 => (Targets::OneHot, teacher_cfg.vocab_size),
         None => {
             let (model, _) = distill_core::load_model(tdir, &device)?;
             (
@@ -203,7 +224,7 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
     };
     let train_limit = match &targets {
         Targets::Cache(c) => c.sequences("train"),
-        Targets::Live { .. } => train.len(),
+        Targets::Live { .. } | Targets::OneHot => train.len(),
     };
     if train_limit == 0 {
         return Err(Error::Msg(
@@ -211,9 +232,12 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
         ));
     }
     let loss = cfg.loss.to_config(Some(teacher_vocab))?;
+    let has_weights = distill_core::weights::safetensors_files(tdir).is_ok_and(|f| !f.is_empty());
     let eval_teacher = match (&targets, &valid) {
         (Targets::Cache(c), Some(_))
-            if cfg.train.eval_every > 0 && c.sequences("valid") < cfg.train.eval_sequences =>
+            if cfg.train.eval_every > 0
+                && c.sequences("valid") < cfg.train.eval_sequences
+                && has_weights =>
         {
             Some(distill_core::load_model(tdir, &device)?.0)
         }
@@ -255,7 +279,37 @@ impl Setup {
             Targets::Live { model, top_k } => {
                 distill_teacher::cache::live_sparse_targets(model, ids, *top_k)
             }
+            Targets::OneHot => {
+                let (b, t) = ids.dims2()?;
+                let v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let next = next_token_labels(&v, b, t)
+                    .into_iter()
+                    .map(|l| if l == crate::loss::IGNORE { 0 } else { l })
+                    .collect();
+                Ok(TeacherTargets::Sparse {
+                    ids: Tensor::from_vec(next, (b, t, 1), &self.device)?,
+                    logprobs: Tensor::zeros((b, t, 1), DType::F32, &self.device)?,
+                    logsumexp: Tensor::zeros((b, t), DType::F32, &self.device)?,
+                })
+            }
         }
+    }
+
+    /// Next-token labels of a batch, [`IGNORE`](crate::loss::IGNORE) where the next token is not
+    /// a training target (the split's target mask, e.g. prompt and padding positions).
+    fn labels(&self, shards: &TokenShards, seqs: &[usize], ids: &[u32]) -> Vec<u32> {
+        let t = shards.seq_len();
+        let mut labels = next_token_labels(ids, seqs.len(), t);
+        for (b, &seq) in seqs.iter().enumerate() {
+            if let Some(mask) = shards.target_mask(seq) {
+                for i in 0..t - 1 {
+                    if mask[i + 1] == 0 {
+                        labels[b * t + i] = crate::loss::IGNORE;
+                    }
+                }
+            }
+        }
+        labels
     }
 
     fn batch(&self, shards: &TokenShards, seqs: &[usize]) -> Result<(Vec<u32>, Tensor)> {
@@ -291,7 +345,7 @@ impl Setup {
                 c.num_params() as u64 * 4
                     + rows * (c.hidden_size as u64 * 8 + c.intermediate_size as u64 * 4) * 4
             }
-            Targets::Cache(_) => 0,
+            Targets::Cache(_) | Targets::OneHot => 0,
         };
         let weights = p * 4;
         let total = weights * 4 + per_layer * l + logits + teacher;
@@ -314,7 +368,7 @@ impl Setup {
             return Ok(None);
         };
         let covered = match (&self.targets, &self.eval_teacher) {
-            (_, Some(_)) | (Targets::Live { .. }, _) => valid.len(),
+            (_, Some(_)) | (Targets::Live { .. } | Targets::OneHot, _) => valid.len(),
             (Targets::Cache(c), None) => c.sequences("valid"),
         };
         let n = self.cfg.train.eval_sequences.min(covered);
@@ -340,7 +394,7 @@ impl Setup {
                 None => self.targets("valid", &seqs, &input)?,
             };
             let logits = student.forward(&input)?.detach();
-            let labels = next_token_labels(&ids, seqs.len(), valid.seq_len());
+            let labels = self.labels(valid, &seqs, &ids);
             let parts = distill_loss(&logits, &targets, &labels, &cfg)?;
             ce += parts.ce as f64 * parts.tokens as f64;
             kl += parts.kd as f64 * parts.tokens as f64;
@@ -548,7 +602,7 @@ pub fn train(
             let (ids, input) = s.batch(&s.train, &seqs)?;
             let targets = s.targets("train", &seqs, &input)?;
             let logits = student.forward(&input)?;
-            let labels = next_token_labels(&ids, seqs.len(), seq_len);
+            let labels = s.labels(&s.train, &seqs, &ids);
             let parts = distill_loss(&logits, &targets, &labels, &s.loss)?;
             let total = parts.total.to_scalar::<f32>()?;
             loss_sum += total;
