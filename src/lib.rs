@@ -1,3 +1,4 @@
+pub use distill_api as api;
 pub use distill_core as core;
 pub use distill_eval as eval;
 pub use distill_teacher as teacher;

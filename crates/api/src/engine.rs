@@ -1,7 +1,7 @@
 //! The generation engine behind the server: one thread owns the model and serves jobs in batches.
 //!
-//! Per-tick batching: the thread takes every job waiting when it becomes free (up to
-//! `max_batch` rows, one row per requested choice), left-pads their prompts into one batch
+//! Per-tick batching: when the thread becomes free it takes the next job and every job that
+//! arrives within a short tick (up to `max_batch` rows, one row per requested choice), left-pads their prompts into one batch
 //! (padding hidden by the attention mask, see [`CausalLm::forward_cached_padded`]), and decodes all
 //! rows together until the last one finishes; jobs that arrive meanwhile form the next batch.
 //! Each job gets its events (tokens with log-probabilities, finish reasons) on its own channel as
@@ -77,6 +77,9 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<Event>,
 }
 
+/// How long a new batch waits for more requests after its first one.
+const TICK: std::time::Duration = std::time::Duration::from_millis(15);
+
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
@@ -117,7 +120,14 @@ impl Engine {
                     // Left padding puts every row at the longest prompt's positions: a job joins
                     // only if the batch still fits the context with it.
                     let context = worker.model.config().max_position_embeddings;
-                    while let Ok(job) = rx.try_recv() {
+                    // The tick: requests that arrive within TICK of the first join its batch
+                    // (clients answered by the last batch send their next requests together).
+                    let deadline = std::time::Instant::now() + TICK;
+                    while rows < worker.max_batch {
+                        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+                        let Ok(job) = rx.recv_timeout(wait) else {
+                            break;
+                        };
                         let fits =
                             longest.max(job.prompt.len()) + most_new.max(job.max_tokens) <= context;
                         if rows + job.n > worker.max_batch || !fits {

@@ -187,6 +187,19 @@ pub fn evaluate(
     for s in students {
         models.push(load(s, device, Some(&teacher.tokenizer))?);
     }
+    // A masked split (e.g. answers collected from an API, `distill prepare-collected`) is scored
+    // on its target tokens only: the answers, not the prompts that condition them.
+    let masked = shards.target_mask(0).is_some();
+    if masked {
+        if let Some(m) = models.iter().find(|m| !m.same_tokenizer) {
+            return Err(Error::file(
+                &m.dir,
+                "has another tokenizer than the teacher: a masked split can only score students \
+                 with the teacher's tokenizer",
+            ));
+        }
+    }
+    let token_bytes = masked.then(|| teacher.tokenizer.token_bytes_table());
     let t = shards.seq_len();
     let per_seq = (t - 1) as u64;
     let n_seqs = if opts.max_tokens == 0 {
@@ -204,16 +217,29 @@ pub fn evaluate(
         let seqs: Vec<usize> = (b0..(b0 + opts.batch_size.max(1)).min(n_seqs)).collect();
         let ids: Vec<u32> = seqs.iter().flat_map(|&i| shards.sequence(i)).collect();
         let b = seqs.len();
-        // Labels: position i predicts token i+1; the last position of each sequence is skipped.
+        // Labels: position i predicts token i+1; the last position of each sequence is skipped,
+        // and so are positions whose next token is not a target (masked splits).
+        let masks: Vec<Option<&[u8]>> = seqs.iter().map(|&i| shards.target_mask(i)).collect();
         let rows: Vec<(usize, u32)> = (0..b)
-            .flat_map(|s| (0..t - 1).map(move |i| (s * t + i, 0u32)))
-            .map(|(r, _)| (r, ids[r + 1]))
+            .flat_map(|s| (0..t - 1).map(move |i| (s, i)))
+            .filter(|&(s, i)| masks[s].is_none_or(|m| m[i + 1] == 1))
+            .map(|(s, i)| (s * t + i, ids[s * t + i + 1]))
             .collect();
-        for s in 0..b {
-            let text = teacher
-                .tokenizer
-                .decode(&ids[s * t + 1..(s + 1) * t], true)?;
-            bytes += text.len() as u64;
+        match &token_bytes {
+            Some(table) => {
+                bytes += rows
+                    .iter()
+                    .map(|&(_, l)| table.get(l as usize).map_or(0, Vec::len) as u64)
+                    .sum::<u64>();
+            }
+            None => {
+                for s in 0..b {
+                    let text = teacher
+                        .tokenizer
+                        .decode(&ids[s * t + 1..(s + 1) * t], true)?;
+                    bytes += text.len() as u64;
+                }
+            }
         }
         let input = Tensor::from_vec(ids.clone(), (b, t), device)?;
         let (tl, tv) = logits_rows(&teacher.model, &input)?;
@@ -353,7 +379,7 @@ pub fn evaluate(
     Ok(Report {
         tokens_dir: tokens_dir.to_path_buf(),
         split: opts.split.clone(),
-        tokens: done,
+        tokens: teacher.acc.tokens,
         bytes,
         device: distill_core::device::device_name(device),
         threads: distill_core::device::cpu_threads(),
