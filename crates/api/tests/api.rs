@@ -674,10 +674,10 @@ async fn collected_answers_become_masked_tokens_and_api_targets_that_train_a_stu
     };
     let cids: Vec<Vec<Vec<u32>>> = cids.to_vec3().unwrap();
     let clps: Vec<Vec<Vec<f32>>> = logprobs.to_vec3().unwrap();
-    for j in 0..api_tokens.len().min(64 - prompt.len()) {
+    for (j, api_token) in api_tokens.iter().enumerate().take(64 - prompt.len()) {
         let pos = prompt.len() + j - 1;
         let lp = teacher_logprobs(&model, &ids[..pos + 1]);
-        for (alt, (&id, &l)) in api_tokens[j]
+        for (alt, (&id, &l)) in api_token
             .top_logprobs
             .iter()
             .zip(cids[0][pos].iter().zip(&clps[0][pos]))

@@ -223,3 +223,53 @@ fn bad_inputs_are_handled_as_specified() {
         .to_string();
     assert!(e.contains("no split 'test'"), "{e}");
 }
+
+#[test]
+fn masked_splits_are_scored_on_their_targets_only() {
+    use distill_core::shards::{SplitWriter, TokenShardsMeta, FORMAT_VERSION};
+    let (d, teacher, _) = setup();
+    let tok = distill_core::Tokenizer::from_dir(&teacher).unwrap();
+    let dir = d.path().join("masked");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = SplitWriter::new(&dir, "valid", 8, 4);
+    let masks: [[u8; 8]; 3] = [
+        [0, 0, 0, 1, 1, 1, 0, 0],
+        [0, 1, 1, 1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0, 0, 0, 1],
+    ];
+    for (i, m) in masks.iter().enumerate() {
+        let ids: Vec<u32> = (0..8).map(|j| 10 + ((i * 8 + j) % 50) as u32).collect();
+        w.push_sequence(&ids, m, 8).unwrap();
+    }
+    TokenShardsMeta {
+        format_version: FORMAT_VERSION,
+        tokenizer_hash: tok.hash(),
+        seq_len: 8,
+        eos_id: 0,
+        vocab_size: tok.vocab_size(),
+        splits: [("valid".to_string(), w.finish().unwrap())].into(),
+        sources: vec![],
+    }
+    .write(&dir)
+    .unwrap();
+    let r = evaluate(&teacher, &[], &dir, &opts(), &Device::Cpu, |_, _| {}).unwrap();
+    // Targets are the masked-in tokens after position 0: 3 + 7 + 1.
+    assert_eq!(r.tokens, 11);
+    assert_eq!(r.models[0].tokens, 11);
+    // Students with another tokenizer cannot be scored on a masked split.
+    let other = d.path().join("other");
+    write_tiny_model_dir(&other, &tiny_config(), 3).unwrap();
+    let tj = other.join("tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    v["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    std::fs::write(&tj, v.to_string()).unwrap();
+    let e = evaluate(&teacher, &[other], &dir, &opts(), &Device::Cpu, |_, _| {})
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("another tokenizer") && e.contains("other"),
+        "{e}"
+    );
+}
