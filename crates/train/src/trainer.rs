@@ -407,7 +407,13 @@ impl Setup {
             tokens,
             ce: ce / c,
             perplexity: (ce / c).exp(),
-            kl_to_teacher: kl / c,
+            // Without a teacher (one-hot targets) there is no KL to report: NaN, written as null.
+            kl_to_teacher: if matches!(self.targets, Targets::OneHot) && self.eval_teacher.is_none()
+            {
+                f64::NAN
+            } else {
+                kl / c
+            },
             eval_tokens: count,
         }))
     }
