@@ -159,35 +159,20 @@ pub fn api_base(endpoint: &str) -> String {
     }
 }
 
-/// Reads the complete lines of `responses.jsonl`, cutting a torn last line (a killed run) off the
-/// file; returns the indices already answered.
+/// The indices already answered in `responses.jsonl`, after cutting a torn last line (a killed
+/// run) off the file.
 fn done_indices(path: &Path) -> Result<HashSet<usize>> {
-    let mut done = HashSet::new();
     if !path.exists() {
-        return Ok(done);
+        return Ok(HashSet::new());
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if complete < bytes.len() {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        f.set_len(complete as u64).map_err(|e| Error::io(path, e))?;
-    }
-    for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
-        if line.is_empty() {
-            continue;
-        }
-        let rec: Collected = serde_json::from_slice(line).map_err(|e| {
-            Error::file(
-                path,
-                format!("line {}: not a collected response: {e}", i + 1),
-            )
-        })?;
-        done.insert(rec.index);
-    }
-    Ok(done)
+    let (records, complete) =
+        distill_core::error::read_jsonl::<Collected>(path, "a collected response")?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.set_len(complete).map_err(|e| Error::io(path, e))?;
+    Ok(records.into_iter().map(|r| r.index).collect())
 }
 
 enum Outcome {

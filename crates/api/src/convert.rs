@@ -65,24 +65,8 @@ pub fn read_collection(dir: &Path) -> Result<(CollectMeta, Vec<Collected>)> {
     let meta: CollectMeta = serde_json::from_str(&read_text(&meta_path)?)
         .map_err(|e| Error::file(&meta_path, format!("not a collect.json: {e}")))?;
     let path = dir.join("responses.jsonl");
-    let text = read_text(&path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Collected>(line) {
-            Ok(c) => out.push(c),
-            // A torn last line from a killed run: `collect --resume` cuts it.
-            Err(_) if i + 1 == text.lines().count() && !text.ends_with('\n') => {}
-            Err(e) => {
-                return Err(Error::file(
-                    &path,
-                    format!("line {}: not a collected answer: {e}", i + 1),
-                ))
-            }
-        }
-    }
+    // A torn last line from a killed run is skipped (`collect --resume` cuts it).
+    let (mut out, _) = distill_core::error::read_jsonl::<Collected>(&path, "a collected answer")?;
     if out.is_empty() {
         return Err(Error::file(&path, "no answers"));
     }

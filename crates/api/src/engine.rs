@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 /// A token with its log-probability under the model (log-softmax of the raw logits, T = 1, as
 /// OpenAI reports them whatever the sampling temperature) and the most likely alternatives.
+/// For a job that did not ask for logprobs only `id` is meaningful (`logprob` is NaN).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
     pub id: u32,
@@ -156,24 +157,16 @@ impl Engine {
     }
 }
 
-/// Log-softmax statistics of one logits row: `logsumexp` and the `k` largest entries.
+/// `id`'s log-softmax in one logits row and the row's `k` most likely tokens, through the teacher
+/// cache's top-k (one rule for the cache and the API: most likely first, ties to the lower id).
 fn row_logprobs(row: &[f32], id: u32, k: usize) -> TokenLogprob {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    if k > 0 {
-        for (i, &x) in row.iter().enumerate() {
-            if top.len() < k || x > top[top.len() - 1].1 {
-                let at = top.partition_point(|&(_, y)| y >= x);
-                top.insert(at, (i as u32, x));
-                top.truncate(k);
-            }
-        }
-    }
+    let k = k.min(row.len());
+    let (mut ids, mut lps) = (vec![0u32; k], vec![0f32; k]);
+    let lse = distill_core::cache::row_topk(row, &mut ids, &mut lps);
     TokenLogprob {
         id,
         logprob: row[id as usize] - lse,
-        top: top.into_iter().map(|(i, x)| (i, x - lse)).collect(),
+        top: ids.into_iter().zip(lps).collect(),
     }
 }
 
@@ -341,7 +334,15 @@ impl Worker {
                 row.text
                     .bytes
                     .extend_from_slice(self.token_bytes.get(id as usize).map_or(&[][..], |b| b));
-                let token = row_logprobs(logits_row, id, job.top_logprobs.unwrap_or(0));
+                // The log-softmax costs a pass over the vocabulary: only for jobs that ask.
+                let token = match job.top_logprobs {
+                    Some(k) => row_logprobs(logits_row, id, k),
+                    None => TokenLogprob {
+                        id,
+                        logprob: f32::NAN,
+                        top: vec![],
+                    },
+                };
                 let stop_at = row.text.stop_at(&job.stop);
                 let text = match stop_at {
                     Some(_) => String::new(),

@@ -382,25 +382,7 @@ pub fn usage_report(records: &[AuditRecord]) -> Vec<KeyUsage> {
 
 /// Reads an audit log; a torn last line (the server killed mid-write) is skipped.
 pub fn read_audit(path: &Path) -> Result<Vec<AuditRecord>> {
-    let text = read_text(path)?;
-    let lines: Vec<&str> = text.lines().collect();
-    let mut out = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(line) {
-            Ok(r) => out.push(r),
-            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
-            Err(e) => {
-                return Err(Error::file(
-                    path,
-                    format!("line {}: not an audit record: {e}", i + 1),
-                ))
-            }
-        }
-    }
-    Ok(out)
+    Ok(distill_core::error::read_jsonl(path, "an audit record")?.0)
 }
 
 /// The report as a markdown table.

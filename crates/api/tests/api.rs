@@ -76,6 +76,15 @@ async fn post(
     (status, v, headers)
 }
 
+/// POST to `/v1/chat/completions`.
+async fn chat(
+    base: &str,
+    body: Value,
+    key: Option<&str>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    post(base, "/v1/chat/completions", body, key).await
+}
+
 fn chat_body(prompt: &str, extra: Value) -> Value {
     let mut b = json!({"model": "tiny", "messages": [{"role": "user", "content": prompt}]});
     for (k, v) in extra.as_object().unwrap() {
@@ -115,9 +124,7 @@ fn assert_error_shape(v: &Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_json_has_openai_shapes_and_the_teachers_logprobs() {
     let s = start(None, Duration::from_secs(60), 8).await;
-    let (status, v, _) = post(
-        &s.base,
-        "/v1/chat/completions",
+    let (status, v, _) = chat(&s.base,
         chat_body("hello there", json!({"temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 5, "n": 2})),
         None,
     )
@@ -249,7 +256,7 @@ async fn batched_requests_equal_single_ones() {
     // One at a time...
     let mut alone = Vec::new();
     for p in prompts {
-        let (st, v, _) = post(&s.base, "/v1/chat/completions", body(p), None).await;
+        let (st, v, _) = chat(&s.base, body(p), None).await;
         assert_eq!(st, 200);
         alone.push(v);
     }
@@ -260,7 +267,7 @@ async fn batched_requests_equal_single_ones() {
             .map(|p| {
                 let base = s.base.clone();
                 let b = body(p);
-                tokio::spawn(async move { post(&base, "/v1/chat/completions", b, None).await })
+                tokio::spawn(async move { chat(&base, b, None).await })
             })
             .collect();
         for (f, a) in futs.into_iter().zip(&alone) {
@@ -292,13 +299,7 @@ fn sse_data(body: &str) -> Vec<String> {
 async fn streaming_chunks_add_up_to_the_whole_answer() {
     let s = start(None, Duration::from_secs(60), 8).await;
     let extra = json!({"temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 2});
-    let (_, whole, _) = post(
-        &s.base,
-        "/v1/chat/completions",
-        chat_body("tell me", extra.clone()),
-        None,
-    )
-    .await;
+    let (_, whole, _) = chat(&s.base, chat_body("tell me", extra.clone()), None).await;
     let mut b = chat_body("tell me", extra);
     b["stream"] = json!(true);
     b["stream_options"] = json!({"include_usage": true});
@@ -390,7 +391,7 @@ async fn malformed_requests_get_400_and_the_server_stays_up() {
         (json!({"model": "tiny"}), "messages"),
     ];
     for (body, param) in cases {
-        let (st, v, _) = post(&s.base, "/v1/chat/completions", body.clone(), None).await;
+        let (st, v, _) = chat(&s.base, body.clone(), None).await;
         assert_eq!(st, 400, "{body} → {v}");
         assert_error_shape(&v);
         assert_eq!(v["error"]["param"], param, "{v}");
@@ -408,13 +409,7 @@ async fn malformed_requests_get_400_and_the_server_stays_up() {
     assert_eq!(st, 404);
     assert_error_shape(&v);
     // Still serving.
-    let (st, _, _) = post(
-        &s.base,
-        "/v1/chat/completions",
-        chat_body("x", json!({"max_tokens": 2})),
-        None,
-    )
-    .await;
+    let (st, _, _) = chat(&s.base, chat_body("x", json!({"max_tokens": 2})), None).await;
     assert_eq!(st, 200);
 }
 
@@ -440,18 +435,11 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
         8,
     )
     .await;
-    let (st, v, _) = post(
-        &s.base,
-        "/v1/chat/completions",
-        chat_body("x", json!({"max_tokens": 1})),
-        None,
-    )
-    .await;
+    let (st, v, _) = chat(&s.base, chat_body("x", json!({"max_tokens": 1})), None).await;
     assert_eq!(st, 401);
     assert_error_shape(&v);
-    let (st, _, _) = post(
+    let (st, _, _) = chat(
         &s.base,
-        "/v1/chat/completions",
         chat_body("x", json!({"max_tokens": 1})),
         Some("sk-wrong-key"),
     )
@@ -459,9 +447,8 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
     assert_eq!(st, 401);
     let mut saw_429 = false;
     for _ in 0..5 {
-        let (st, v, h) = post(
+        let (st, v, h) = chat(
             &s.base,
-            "/v1/chat/completions",
             chat_body("x", json!({"max_tokens": 1})),
             Some("sk-collector-1"),
         )

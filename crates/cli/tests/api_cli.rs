@@ -190,64 +190,42 @@ fn serve_and_collect_refuse_bad_input_in_one_line() {
         "audit.jsonl",
     );
     let prompts = dir.path().join("prompts.txt");
-    std::fs::write(&prompts, "\n").unwrap();
-    one_line_error(
-        &[
+    // Nothing listens on port 9.
+    let collect = |out: &str, extra: &[&str], needle: &str| {
+        let out = dir.path().join(out);
+        let mut args = vec![
             "collect",
             "--endpoint",
             "http://127.0.0.1:9",
             "--prompts",
             prompts.to_str().unwrap(),
             "--out",
-            dir.path().join("o").to_str().unwrap(),
+            out.to_str().unwrap(),
             "--model",
             "m",
-        ],
-        "prompts.txt",
-    );
+        ];
+        args.extend_from_slice(extra);
+        one_line_error(&args, needle);
+    };
+    std::fs::write(&prompts, "\n").unwrap();
+    collect("o", &[], "prompts.txt");
+    std::fs::write(&prompts, "hello\n").unwrap();
+    // Retried, then reported.
+    collect("o2", &["--max-retries", "1"], "prompts failed");
+
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    one_line_error(
-        &[
-            "prepare-collected",
-            "--collected",
-            empty.to_str().unwrap(),
-            "--tokenizer",
-            model.to_str().unwrap(),
-            "--out",
-            dir.path().join("p").to_str().unwrap(),
-        ],
-        "not a collection",
-    );
+    let out = dir.path().join("p");
+    let prepare = [
+        "prepare-collected",
+        "--collected",
+        empty.to_str().unwrap(),
+        "--tokenizer",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    one_line_error(&prepare, "not a collection");
     std::fs::write(empty.join("collect.json"), "{}").unwrap();
-    one_line_error(
-        &[
-            "prepare-collected",
-            "--collected",
-            empty.to_str().unwrap(),
-            "--tokenizer",
-            model.to_str().unwrap(),
-            "--out",
-            dir.path().join("p").to_str().unwrap(),
-        ],
-        "collect.json",
-    );
-    std::fs::write(&prompts, "hello\n").unwrap();
-    // Nothing listens on port 9: retried, then reported.
-    one_line_error(
-        &[
-            "collect",
-            "--endpoint",
-            "http://127.0.0.1:9",
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--out",
-            dir.path().join("o2").to_str().unwrap(),
-            "--model",
-            "m",
-            "--max-retries",
-            "1",
-        ],
-        "prompts failed",
-    );
+    one_line_error(&prepare, "collect.json");
 }

@@ -78,6 +78,29 @@ pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
+/// Reads a JSON-lines file of `what` records. A last line without its newline — a writer killed
+/// mid-line — is not a record and is skipped; any other bad line is an error naming the file and
+/// the line. Returns the records and the byte length of the complete lines (where an appender
+/// resumes after cutting the torn tail).
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(
+    path: impl AsRef<Path>,
+    what: &str,
+) -> Result<(Vec<T>, u64)> {
+    let path = path.as_ref();
+    let bytes = read_file(path)?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut out = Vec::new();
+    for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let rec = serde_json::from_slice(line)
+            .map_err(|e| Error::file(path, format!("line {}: not {what}: {e}", i + 1)))?;
+        out.push(rec);
+    }
+    Ok((out, complete as u64))
+}
+
 /// Writes a file through a temporary name in the same directory and renames it into place, so a
 /// reader never sees a half-written file and a crash leaves the old content intact.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {

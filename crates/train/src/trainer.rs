@@ -186,22 +186,16 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
         Some(s) if s.sequences > 0 => Some(TokenShards::open(&cfg.data.tokens, "valid")?),
         _ => None,
     };
+    let has_weights = distill_core::weights::safetensors_files(tdir).is_ok_and(|f| !f.is_empty());
     let (targets, teacher_vocab) = match &cfg.data.cache {
         Some(dir) => {
-            // A cache built from a teacher's API answers (`distill prepare-collected`) names the
-            // API's model, not weights: only its tokenizer and tokens can be checked.
-            let from_api = distill_core::cache::load_manifest(dir)
-                .map(|m| {
-                    m.settings
-                        .teacher_hash
-                        .starts_with(distill_core::cache::API_TEACHER_PREFIX)
-                })
-                .unwrap_or(false);
+            // The teacher's weights hash, when the dir has weights (a black-box run's teacher
+            // dir may hold only config.json and the tokenizer).
             let expect = CacheExpect {
-                teacher_hash: if from_api {
-                    None
-                } else {
+                teacher_hash: if has_weights {
                     Some(distill_core::weights::model_hash(tdir)?)
+                } else {
+                    None
                 },
                 tokenizer_hash: Some(tokenizer.hash()),
                 tokens_hash: None,
@@ -232,7 +226,6 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
         ));
     }
     let loss = cfg.loss.to_config(Some(teacher_vocab))?;
-    let has_weights = distill_core::weights::safetensors_files(tdir).is_ok_and(|f| !f.is_empty());
     let eval_teacher = match (&targets, &valid) {
         (Targets::Cache(c), Some(_))
             if cfg.train.eval_every > 0
