@@ -23,7 +23,12 @@ stamp="$venv/.distill-wheels"
 if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "${wheels[*]}" ]]; then
   echo "check-cuda-build: installing the CUDA 13.0 wheels into $venv" >&2
   rm -rf "$venv"
-  python3 -m venv "$venv"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian's python3 keeps venv in its own package.
+    rm -rf "$venv"
+    command -v apt-get >/dev/null 2>&1 && { apt-get update -qq && apt-get install -y -qq python3-venv; }
+    python3 -m venv "$venv"
+  fi
   "$venv/bin/pip" install -q --no-deps "${wheels[@]}"
   echo "${wheels[*]}" >"$stamp"
 fi
@@ -44,7 +49,19 @@ done
 stubs="$cu/lib/stubs"
 if [[ ! -f "$stubs/libcuda.so" ]]; then
   mkdir -p "$stubs"
-  sys="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys/mod.rs | sort -V | tail -1)"
+  # Ask cargo where the locked cudarc's source is: `cargo metadata` downloads it first on a machine
+  # that has never built the CUDA feature (the CPU builds never fetch it), wherever CARGO_HOME is.
+  cudarc_manifest="$(cargo metadata --format-version 1 --locked --features cuda \
+    --manifest-path "$root/crates/cli/Cargo.toml" |
+    python3 -c 'import json, sys
+pkgs = [p for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"]
+if not pkgs: sys.exit("check-cuda-build: cudarc is not among the dependencies of --features cuda")
+print(pkgs[0]["manifest_path"])')"
+  sys="$(dirname "$cudarc_manifest")/src/driver/sys/mod.rs"
+  [[ -f "$sys" ]] || {
+    echo "check-cuda-build: $sys: not found (cudarc's driver bindings moved?)" >&2
+    exit 1
+  }
   grep -o 'pub unsafe fn cu[A-Za-z0-9_]*' "$sys" | sed 's/pub unsafe fn //' | sort -u |
     sed 's/.*/int &(void) { return 999; }/' >"$stubs/libcuda-stub.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so" "$stubs/libcuda-stub.c"
