@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # From a fresh clone to an evaluated student: builds distill in release, fetches and converts the
 # SmolLM2-135M-Instruct teacher, asks it a question, fetches the corpora and tokenizes them into
-# shards, caches the teacher's top-k targets on a slice of them, distils a small student (and,
-# for comparison, trains the same student on the same tokens with cross-entropy only), and
-# evaluates teacher and students into runs/quickstart-report/.
+# shards, prunes the teacher to 60% of its parameters by measured importance, caches the teacher's
+# top-k targets on a slice of the shards, heals the pruned student by distillation (and, for
+# comparison, the same pruned student on the same tokens with cross-entropy only), and evaluates
+# teacher, pruned and healed students into runs/quickstart-report/.
 #
 # Run with: scripts/quickstart.sh
 set -euo pipefail
@@ -33,26 +34,35 @@ step "tokenize them into shards"
   --input data/raw/books data/raw/sotu data/raw/wiki/train.jsonl data/raw/wiki/valid.jsonl \
   --out data/tokens/corpus --seq-len 256
 
-step "cache the teacher's top-64 targets on a slice of the corpus"
+step "prune the teacher to 60% of its parameters, cut where it matters least"
+# Importance measured on calibration sequences of the train split; the best of several cuts
+# (depth-only, width-only, mixed) by KL to the teacher is written as an HF model dir.
+rm -rf runs/quickstart-pruned
+"$bin" prune --teacher models/smollm2-135m-instruct --tokens data/tokens/corpus \
+  --target-params 0.6 --out runs/quickstart-pruned
+
+step "cache the teacher's top-64 targets on the sequences the healing runs read"
 "$bin" cache --teacher models/smollm2-135m-instruct --tokens data/tokens/corpus \
-  --out cache/quickstart --splits train --max-sequences 64 --shard-sequences 32
+  --out cache/quickstart --splits train --max-sequences 48 --shard-sequences 24
 
-# The quickstart student: small and short, so the whole script stays within minutes on a CPU.
-# configs/smollm2-student.toml is the longer run.
-common=(--config configs/smollm2-student.toml --set data.cache=\"cache/quickstart\"
-  --set train.batch_size=4 --max-steps 48 --set train.warmup_steps=4
-  --set train.eval_every=0 --set train.checkpoint_every=0 --set train.log_every=8)
+# Healing: the pruned student starts from the teacher's own weights (embeddings frozen), so 24
+# steps of 2 sequences at a low learning rate (5e-4, cosine to 5e-5) mend much of the cut.
+# configs/smollm2-pruned.toml is the longer run.
+common=(--config configs/smollm2-pruned.toml --set data.cache=\"cache/quickstart\"
+  --set student.model=\"runs/quickstart-pruned\" --set train.batch_size=2
+  --max-steps 24 --set train.warmup_steps=2
+  --set train.eval_every=0 --set train.checkpoint_every=0 --set train.log_every=4)
 
-step "distil a student (forward KL to the teacher's top-64)"
+step "heal the pruned student by distillation (forward KL to the teacher's top-64)"
 rm -rf runs/quickstart-kd runs/quickstart-ce
 "$bin" train "${common[@]}" --out runs/quickstart-kd
 
-step "the same student, same tokens and steps, cross-entropy only (no teacher)"
+step "heal the same pruned student on the same tokens and steps with cross-entropy only (no teacher)"
 "$bin" train "${common[@]}" --out runs/quickstart-ce --set loss.alpha_kd=0.0 --set loss.alpha_ce=1.0
 
-step "evaluate teacher and students"
+step "evaluate the teacher, the pruned student before healing, and both healed students"
 "$bin" eval --teacher models/smollm2-135m-instruct \
-  --student runs/quickstart-kd/final runs/quickstart-ce/final \
+  --student runs/quickstart-pruned runs/quickstart-kd/final runs/quickstart-ce/final \
   --tokens data/tokens/corpus --max-tokens 2048 --max-new-tokens 16 --out runs/quickstart-report
 echo
 echo "report: runs/quickstart-report/report.md (and report.json, *.png)"

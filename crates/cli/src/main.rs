@@ -14,6 +14,7 @@ mod api_cmd;
 mod cache_cmd;
 mod eval_cmd;
 mod progress;
+mod prune_cmd;
 mod train_cmd;
 
 #[global_allocator]
@@ -40,6 +41,9 @@ enum Command {
     Prepare(PrepareArgs),
     /// Run the teacher over token shards once and store its top-k targets (resumable, shardable).
     Cache(cache_cmd::CacheArgs),
+    /// Cut the teacher by measured importance (depth, heads, MLP and hidden channels) into a
+    /// smaller model dir for distillation to heal.
+    Prune(prune_cmd::PruneArgs),
     /// Distil a student from the teacher (cache or online) with a KD loss; checkpoints, resume.
     Train(train_cmd::TrainArgs),
     /// Evaluate teacher and students in one pass: perplexity, bits/byte, KL, agreement, ECE, speed.
@@ -53,6 +57,9 @@ enum Command {
     /// Turn collected answers into masked token shards and (with logprobs) a teacher cache.
     #[cfg(feature = "api")]
     PrepareCollected(api_cmd::PrepareCollectedArgs),
+    /// Write a model's logits for a text (ids and logits as safetensors), to compare with
+    /// another implementation (scripts/check_logits.py runs transformers on the same ids).
+    Logits(LogitsArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -134,6 +141,44 @@ struct PrepareArgs {
 }
 
 #[derive(Args)]
+struct LogitsArgs {
+    /// A Hugging Face model dir.
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to score (tokenized without special tokens).
+    #[arg(long)]
+    text: String,
+    /// Output safetensors file: `ids` u32 (T) and `logits` f32 (T, V).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+fn logits_cmd(a: LogitsArgs) -> Result<()> {
+    let device = parse_device(&a.device.device)?;
+    let (model, _) = distill_core::load_model(&a.model, &device)?;
+    let tok = distill_core::Tokenizer::from_dir(&a.model)?;
+    let ids = tok.encode(&a.text, false)?;
+    if ids.is_empty() {
+        bail!("--text: no tokens to score");
+    }
+    let input = candle_core::Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+    let logits = model.forward(&input)?.squeeze(0)?;
+    let tensors = std::collections::HashMap::from([
+        (
+            "ids".to_string(),
+            candle_core::Tensor::new(ids.as_slice(), &device)?,
+        ),
+        ("logits".to_string(), logits),
+    ]);
+    candle_core::safetensors::save(&tensors, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("{} tokens → {}", ids.len(), a.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
 pub(crate) struct DeviceArg {
     /// cpu, or cuda:N in a build with `--features cuda`.
     #[arg(long, default_value = "cpu")]
@@ -205,6 +250,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate_cmd(a),
         Command::Prepare(a) => prepare(a),
         Command::Cache(a) => cache_cmd::cache(a),
+        Command::Prune(a) => prune_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
         #[cfg(feature = "api")]
@@ -213,6 +259,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Collect(a) => api_cmd::collect_cmd(a),
         #[cfg(feature = "api")]
         Command::PrepareCollected(a) => api_cmd::prepare_collected_cmd(a),
+        Command::Logits(a) => logits_cmd(a),
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Train(a)) => train_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),

@@ -428,3 +428,91 @@ fn eval_reports_and_refuses_bad_inputs() {
     ]);
     check_failure(code, &err, &["/nonexistent/p.txt", "does not exist"]);
 }
+
+/// Overwrites 8 bytes in the middle of a file.
+fn corrupt(path: &Path, bytes: &[u8; 8]) {
+    let mut data = std::fs::read(path).unwrap();
+    let at = data.len() / 2;
+    data[at..at + 8].copy_from_slice(bytes);
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn a_corrupted_token_shard_is_refused_by_train_cache_and_eval() {
+    use distill_core::testing::write_tiny_tokens;
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let tokens = dir.path().join("tokens");
+    write_tiny_tokens(&tokens, 8, 16, 4, 1).unwrap();
+    let shard = tokens.join("train/shard-00001.bin");
+    let pristine = std::fs::read(&shard).unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    let (m_s, t_s) = (m.to_str().unwrap(), tokens.to_str().unwrap());
+    let train_out = dir.path().join("run");
+    let cache_out = dir.path().join("cache");
+    let commands = |_: ()| -> Vec<Vec<String>> {
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        vec![
+            own(&[
+                "train",
+                "--config",
+                config.to_str().unwrap(),
+                "--out",
+                train_out.to_str().unwrap(),
+                "--max-steps",
+                "1",
+                "--set",
+                &format!("teacher.model=\"{m_s}\""),
+                "--set",
+                &format!("data.tokens=\"{t_s}\""),
+            ]),
+            own(&[
+                "cache",
+                "--teacher",
+                m_s,
+                "--tokens",
+                t_s,
+                "--out",
+                cache_out.to_str().unwrap(),
+            ]),
+            own(&[
+                "eval",
+                "--teacher",
+                m_s,
+                "--student",
+                m_s,
+                "--tokens",
+                t_s,
+                "--split",
+                "train",
+                "--no-speed",
+                "--max-new-tokens",
+                "1",
+            ]),
+        ]
+    };
+    // Ids that are still in the vocabulary: only the recorded sha256 can tell.
+    corrupt(&shard, &[7, 0, 0, 0, 9, 0, 0, 0]);
+    for args in commands(()) {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = distill(&refs);
+        check_failure(code, &err, &["shard-00001.bin", "does not match meta.json"]);
+    }
+    // An id past the vocabulary, with meta.json's hash updated to match: refused by name too.
+    std::fs::write(&shard, &pristine).unwrap();
+    corrupt(&shard, &[0xff, 0xff, 0, 0, 0, 0, 0, 0]);
+    let meta_path = tokens.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let digest = {
+        use sha2::Digest;
+        distill_core::tokenizer::hex(&sha2::Sha256::digest(std::fs::read(&shard).unwrap()))
+    };
+    meta["splits"]["train"]["shards"][1]["sha256"] = serde_json::json!(digest);
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    for args in commands(()) {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = distill(&refs);
+        check_failure(code, &err, &["shard-00001.bin", "outside the vocabulary"]);
+    }
+}

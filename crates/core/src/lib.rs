@@ -19,7 +19,7 @@ pub use cache::TeacherTargets;
 pub use config::{Arch, Config, HfConfig};
 pub use device::parse_device;
 pub use error::{Error, Result};
-pub use model::{CausalLm, KvCache};
+pub use model::{CausalLm, KvCache, Probe};
 pub use model_dir::save_model_dir;
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::load_model;

@@ -256,6 +256,19 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<&mut candle_nn::kv_cache::KvCache>,
     ) -> Result<Tensor> {
+        self.o_proj
+            .forward(&self.attend(x, rope, pos, mask, cache)?)
+    }
+
+    /// The heads' outputs before the output projection, (B, T, heads · head_dim), head-major.
+    fn attend(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -287,11 +300,9 @@ impl Attention {
         };
         let att = ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?; // (B, kvh, rep·T, D)
-        let y = y
-            .reshape((b, h, t, d))?
+        y.reshape((b, h, t, d))?
             .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
-        self.o_proj.forward(&y)
+            .reshape((b, t, h * d))
     }
 }
 
@@ -314,11 +325,17 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// The gated activations the down projection reads, (…, intermediate).
+    fn activations(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = self.gate_up.forward(x)?;
+        gate_up[0].silu()? * &gate_up[1]
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up.forward(x)?;
-        let h = (gate_up[0].silu()? * &gate_up[1])?;
-        self.down_proj.forward(&h)
+        self.down_proj.forward(&self.activations(x)?)
     }
 }
 
@@ -551,6 +568,154 @@ impl CausalLm {
             x = (x + h)?;
         }
         self.norm.forward(&x)
+    }
+}
+
+/// Activation statistics gathered by [`CausalLm::forward_probed`], summed over every token seen
+/// (divide by `tokens` for means). Layer-indexed vectors follow the model's own layers.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    /// Tokens accumulated.
+    pub tokens: usize,
+    /// Per layer: Σ cos(input, output) of the residual stream across the block.
+    pub layer_cos: Vec<f64>,
+    /// Per layer, per query head: Σ ‖the head's contribution to the residual stream‖₂ (its output
+    /// through its slice of the output projection).
+    pub head_norm: Vec<Vec<f64>>,
+    /// Per layer, per MLP channel: Σ ‖the channel's contribution‖₂ = |silu(gate) · up| times the
+    /// norm of its down-projection column.
+    pub mlp_act: Vec<Vec<f64>>,
+    /// Per hidden channel: Σ |RMSNorm output| over both norms of every layer and the final norm.
+    pub hidden_act: Vec<f64>,
+}
+
+impl Probe {
+    pub fn new(cfg: &Config) -> Self {
+        let l = cfg.num_hidden_layers;
+        Self {
+            tokens: 0,
+            layer_cos: vec![0.0; l],
+            head_norm: vec![vec![0.0; cfg.num_attention_heads]; l],
+            mlp_act: vec![vec![0.0; cfg.intermediate_size]; l],
+            hidden_act: vec![0.0; cfg.hidden_size],
+        }
+    }
+}
+
+/// Σ over all leading dimensions of `x` (…, n) → n values.
+fn sum_rows(x: &Tensor) -> Result<Vec<f64>> {
+    let n = x.dim(D::Minus1)?;
+    let v = x
+        .to_dtype(DType::F32)?
+        .reshape(((), n))?
+        .sum(0)?
+        .to_vec1::<f32>()?;
+    Ok(v.into_iter().map(f64::from).collect())
+}
+
+fn add_into(acc: &mut [f64], v: &[f64]) {
+    acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+}
+
+impl CausalLm {
+    /// The residual stream at the input of every layer, and after the last: L + 1 tensors of
+    /// (B, T, hidden). With [`forward_from`](Self::forward_from), a layer's removal can be scored
+    /// by running only the layers after it.
+    pub fn residual_stream(&self, ids: &Tensor) -> Result<Vec<Tensor>> {
+        let (b, t) = ids.dims2()?;
+        let mask = causal_mask(t, 0, self.cfg.sliding_window, ids.device())?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut out = Vec::with_capacity(self.layers.len() + 1);
+        for layer in &self.layers {
+            out.push(x.clone());
+            x = self.block(layer, &x, &mask)?;
+        }
+        out.push(x);
+        Ok(out)
+    }
+
+    /// Logits (B, T, V) from the residual stream `x` entering layer `from`: layers `from..`, the
+    /// final norm and the output projection.
+    pub fn forward_from(&self, x: &Tensor, from: usize) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let mask = causal_mask(t, 0, self.cfg.sliding_window, x.device())?;
+        let mut x = x.clone();
+        for layer in &self.layers[from.min(self.layers.len())..] {
+            x = self.block(layer, &x, &mask)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+
+    fn block(&self, layer: &Block, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = layer.input_layernorm.forward(x)?;
+        let h = layer
+            .self_attn
+            .forward(&h, &self.rope, 0, Some(mask), None)?;
+        let x = (x + h)?;
+        let h = layer
+            .mlp
+            .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+        x + h
+    }
+
+    /// Logits for every position, (B, T, V), with the activation statistics that pruning ranks
+    /// by added into `probe`. Slower than [`forward`](Self::forward); for calibration.
+    pub fn forward_probed(&self, ids: &Tensor, probe: &mut Probe) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mask = causal_mask(t, 0, self.cfg.sliding_window, ids.device())?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let (nh, d) = (self.cfg.num_attention_heads, self.cfg.head_dim);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let x_in = x.clone();
+            let n1 = layer.input_layernorm.forward(&x)?;
+            let heads = layer
+                .self_attn
+                .attend(&n1, &self.rope, 0, Some(&mask), None)?;
+            x = (x + layer.self_attn.o_proj.forward(&heads)?)?;
+            let n2 = layer.post_attention_layernorm.forward(&x)?;
+            let act = layer.mlp.activations(&n2)?;
+            x = (&x + layer.mlp.down_proj.forward(&act)?)?;
+            let dot = (&x_in * &x)?.sum(D::Minus1)?;
+            let norms = (x_in.sqr()?.sum(D::Minus1)? * x.sqr()?.sum(D::Minus1)?)?.sqrt()?;
+            let cos = (dot / (norms + 1e-12)?)?;
+            probe.layer_cos[i] += cos.sum_all()?.to_scalar::<f32>()? as f64;
+            let rows = heads.reshape((b * t, nh * d))?;
+            let wo = &layer.self_attn.o_proj.weight; // (hidden, nh·d)
+            for h in 0..nh {
+                let part = rows
+                    .narrow(1, h * d, d)?
+                    .matmul(&wo.narrow(1, h * d, d)?.t()?)?;
+                let norms = part.sqr()?.sum(D::Minus1)?.sqrt()?;
+                probe.head_norm[i][h] += norms.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+            let col_norms = layer
+                .mlp
+                .down_proj
+                .weight
+                .sqr()?
+                .sum(0)?
+                .sqrt()?
+                .to_vec1::<f32>()?;
+            let act_sum = sum_rows(&act.abs()?)?;
+            for (acc, (a, c)) in probe.mlp_act[i]
+                .iter_mut()
+                .zip(act_sum.iter().zip(&col_norms))
+            {
+                *acc += a * *c as f64;
+            }
+            add_into(&mut probe.hidden_act, &sum_rows(&n1.abs()?)?);
+            add_into(&mut probe.hidden_act, &sum_rows(&n2.abs()?)?);
+        }
+        let x = self.norm.forward(&x)?;
+        add_into(&mut probe.hidden_act, &sum_rows(&x.abs()?)?);
+        probe.tokens += b * t;
+        self.lm_head.forward(&x)
     }
 }
 

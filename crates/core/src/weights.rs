@@ -86,6 +86,27 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(CausalLm, Config)> {
     Ok((model, cfg))
 }
 
+/// Every tensor of a model dir's safetensors by name, as f32 on `device`.
+pub fn load_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let files = safetensors_files(dir)?;
+    for f in &files {
+        check_safetensors(f)?;
+    }
+    // SAFETY: model dirs are read-only inputs while they are loaded.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::file(&files[0], e))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, _)| {
+            let t = st
+                .load(&name, device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| Error::file(&files[0], format!("tensor {name}: {e}")))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
 /// sha256 of a file, hex, streamed (the file is never held in memory).
 pub fn file_sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};

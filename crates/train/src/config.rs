@@ -50,6 +50,9 @@ pub enum StudentInit {
     Random,
     /// Copy the teacher's embeddings, final norm (and lm_head) and a subset of its layers.
     TeacherLayers,
+    /// Start from the model dir `student.model` (a `distill prune` output, or any HF model with
+    /// the teacher's tokenizer): its config is the student's shape, its weights the start.
+    Model,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +72,13 @@ pub struct StudentSection {
     pub init: StudentInit,
     /// With `init = "teacher-layers"`: which teacher layers (default every k-th from 0).
     pub teacher_layers: Option<Vec<usize>>,
+    /// With `init = "model"`: the model dir the student starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    /// Keep the input embeddings (and a tied output projection) as they are: no gradient, no
+    /// optimizer state. For students that start from the teacher's own embeddings.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_embeddings: bool,
     #[serde(default)]
     pub seed: u64,
 }
@@ -253,6 +263,34 @@ impl RunConfig {
             ));
         }
         self.loss.to_config(None).map_err(|e| e.to_string())?;
+        let s = &self.student;
+        match (s.init, &s.model) {
+            (StudentInit::Model, None) => {
+                return Err("student.init = \"model\" needs student.model = \"DIR\"".into())
+            }
+            (StudentInit::Model, Some(_)) => {
+                let shaped = s.preset.is_some()
+                    || s.layers.is_some()
+                    || s.hidden.is_some()
+                    || s.heads.is_some()
+                    || s.kv_heads.is_some()
+                    || s.intermediate.is_some()
+                    || s.vocab_size.is_some()
+                    || s.teacher_layers.is_some();
+                if shaped {
+                    return Err(
+                        "student.init = \"model\" takes its shape from student.model's \
+                                config.json: remove student.preset, layers, hidden, heads, \
+                                kv_heads, intermediate, vocab_size and teacher_layers"
+                            .into(),
+                    );
+                }
+            }
+            (_, Some(_)) => {
+                return Err("student.model is only read with student.init = \"model\"".into())
+            }
+            _ => {}
+        }
         Ok(())
     }
 

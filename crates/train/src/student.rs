@@ -3,9 +3,11 @@
 //! final norm (and lm_head) and a chosen subset of its layers (DistilBERT / Minitron).
 
 use crate::config::{StudentInit, StudentSection};
-use candle_core::{DType, Device};
-use candle_nn::VarMap;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
 use distill_core::{CausalLm, Config, Error, Result};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// (layers, hidden, heads, kv_heads, intermediate) of the named shapes.
@@ -78,6 +80,12 @@ pub fn build_student(
     s: &StudentSection,
     device: &Device,
 ) -> Result<(CausalLm, VarMap, Config)> {
+    if s.init == StudentInit::Model {
+        let dir = s.model.as_deref().ok_or_else(|| {
+            Error::Msg("student.init = \"model\" needs student.model = \"DIR\"".into())
+        })?;
+        return student_from_dir(dir, teacher_dir, s.seed, device);
+    }
     let cfg = student_config(teacher_cfg, s)?;
     let (model, varmap) = CausalLm::init_seeded(&cfg, s.seed, device)?;
     if s.init == StudentInit::TeacherLayers {
@@ -142,4 +150,117 @@ fn copy_teacher_layers(
         var.set(&t)?;
     }
     Ok(())
+}
+
+/// A trainable student that starts as the model in `dir`, which must share the teacher's
+/// tokenizer (the same ids mean the same tokens to both).
+pub fn student_from_dir(
+    dir: &Path,
+    teacher_dir: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(CausalLm, VarMap, Config)> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "student model dir does not exist"));
+    }
+    let cfg = Config::from_file(dir.join("config.json"))?;
+    let theirs = distill_core::Tokenizer::from_dir(dir)?;
+    let teachers = distill_core::Tokenizer::from_dir(teacher_dir)?;
+    if theirs.hash() != teachers.hash() {
+        return Err(Error::file(
+            dir.join("tokenizer.json"),
+            format!(
+                "the student's tokenizer differs from the teacher's ({}): distillation needs the \
+                 same token ids",
+                teacher_dir.display()
+            ),
+        ));
+    }
+    let mut tensors = distill_core::weights::load_tensors(dir, device)?;
+    let (model, varmap) = CausalLm::init_seeded(&cfg, seed, device)?;
+    let weights = distill_core::weights::safetensors_files(dir)?;
+    {
+        let data = varmap.data().lock().expect("varmap lock");
+        for (name, var) in data.iter() {
+            let t = tensors.remove(name).ok_or_else(|| {
+                Error::file(&weights[0], format!("no tensor {name} for its config.json"))
+            })?;
+            if t.dims() != var.as_tensor().dims() {
+                return Err(Error::file(
+                    &weights[0],
+                    format!(
+                        "tensor {name} is {:?}, config.json implies {:?}",
+                        t.dims(),
+                        var.as_tensor().dims()
+                    ),
+                ));
+            }
+            var.set(&t)?;
+        }
+    }
+    Ok((model, varmap, cfg))
+}
+
+/// The input embedding's name (also the output projection when tied).
+pub const EMBEDDINGS: &str = "model.embed_tokens.weight";
+
+/// Fixed tensors first, the VarMap's variables for everything else.
+struct FrozenOrVars {
+    frozen: HashMap<String, Tensor>,
+    vars: VarMap,
+}
+
+impl SimpleBackend for FrozenOrVars {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.frozen.get(name) {
+            Some(t) if t.shape() == &s => Ok(t.clone()),
+            Some(t) => candle_core::bail!("frozen {name} is {:?}, expected {s:?}", t.shape()),
+            None => self.vars.get(s, name, h, dtype, dev),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.frozen.get(name) {
+            Some(t) => Ok(t.clone()),
+            None => SimpleBackend::get_unchecked(&self.vars, name, dtype, dev),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.frozen.contains_key(name) || SimpleBackend::contains_tensor(&self.vars, name)
+    }
+}
+
+/// Takes the tensors `names` out of `varmap` and rebuilds the model with them as plain tensors:
+/// no gradient is computed for them and the optimizer never sees them. Returns the model and the
+/// frozen tensors (which a checkpoint must write beside the VarMap's).
+pub fn freeze(
+    cfg: &Config,
+    varmap: &VarMap,
+    names: &[&str],
+    device: &Device,
+) -> Result<(CausalLm, HashMap<String, Tensor>)> {
+    let mut frozen = HashMap::new();
+    {
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for &name in names {
+            let var = data
+                .remove(name)
+                .ok_or_else(|| Error::Msg(format!("cannot freeze {name}: no such parameter")))?;
+            frozen.insert(name.to_string(), var.as_tensor().detach());
+        }
+    }
+    let backend = FrozenOrVars {
+        frozen: frozen.clone(),
+        vars: varmap.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+    Ok((CausalLm::load(vb, cfg)?, frozen))
 }

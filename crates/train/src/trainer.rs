@@ -173,15 +173,9 @@ fn setup(cfg: RunConfig) -> Result<Setup> {
     let teacher_cfg = Config::from_file(tdir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(tdir)?;
     let train = TokenShards::open(&cfg.data.tokens, "train")?;
-    if train.meta.tokenizer_hash != tokenizer.hash() {
-        return Err(Error::file(
-            cfg.data.tokens.join(distill_core::shards::META_FILE),
-            format!(
-                "token shards were made with another tokenizer than the teacher's ({})",
-                tdir.display()
-            ),
-        ));
-    }
+    train
+        .meta
+        .check_tokenizer(&cfg.data.tokens, &tokenizer, tdir)?;
     let valid = match train.meta.splits.get("valid") {
         Some(s) if s.sequences > 0 => Some(TokenShards::open(&cfg.data.tokens, "valid")?),
         _ => None,
@@ -433,6 +427,7 @@ fn save_checkpoint(
     dir: &Path,
     cfg: &Config,
     varmap: &VarMap,
+    frozen: &HashMap<String, Tensor>,
     opt: &AdamW,
     state: &TrainerState,
     tokenizer: &Tokenizer,
@@ -441,13 +436,9 @@ fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    distill_core::save_model_dir(
-        &tmp,
-        cfg,
-        &distill_core::weights::varmap_tensors(varmap),
-        tokenizer,
-        DType::F32,
-    )?;
+    let mut tensors = distill_core::weights::varmap_tensors(varmap);
+    tensors.extend(frozen.iter().map(|(k, v)| (k.clone(), v.clone())));
+    distill_core::save_model_dir(&tmp, cfg, &tensors, tokenizer, DType::F32)?;
     distill_core::weights::save_safetensors(
         &opt.state_tensors(),
         DType::F32,
@@ -494,6 +485,11 @@ pub fn train(
     let t = &cfg.train;
     let (student, mut varmap, scfg) =
         build_student(&cfg.teacher.model, &s.teacher_cfg, &cfg.student, &s.device)?;
+    let (student, frozen) = if cfg.student.freeze_embeddings {
+        crate::student::freeze(&scfg, &varmap, &[crate::student::EMBEDDINGS], &s.device)?
+    } else {
+        (student, HashMap::new())
+    };
     check_vocab(
         scfg.vocab_size,
         s.loss.teacher_vocab.unwrap_or(s.teacher_cfg.vocab_size),
@@ -681,7 +677,7 @@ pub fn train(
         let stop = opts.stop_after == Some(step);
         if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every)) || is_last || stop {
             let dir = run.join(format!("step-{step}"));
-            save_checkpoint(&dir, &scfg, &varmap, &opt, &state, &s.tokenizer)?;
+            save_checkpoint(&dir, &scfg, &varmap, &frozen, &opt, &state, &s.tokenizer)?;
             on_event(Event::Checkpoint(&dir));
             last_ckpt = Some(dir);
             prune(run, t.keep_checkpoints, state.best_step)?;
@@ -692,7 +688,15 @@ pub fn train(
     }
     let final_dir = run.join("final");
     if state.step == t.max_steps {
-        save_checkpoint(&final_dir, &scfg, &varmap, &opt, &state, &s.tokenizer)?;
+        save_checkpoint(
+            &final_dir,
+            &scfg,
+            &varmap,
+            &frozen,
+            &opt,
+            &state,
+            &s.tokenizer,
+        )?;
     }
     Ok(RunSummary {
         steps: state.step,
