@@ -3,19 +3,8 @@
 
 use distill_core::testing::{tiny_config, write_tiny_model_dir};
 use std::path::Path;
-use std::process::Command;
-
-fn distill(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(args)
-        .output()
-        .expect("the distill binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::{check_failure, distill};
 
 /// Runs `distill generate` on `dir` and checks the failure shape; returns the message.
 fn generate_fails(dir: &Path, expect: &[&str]) -> String {
@@ -29,17 +18,6 @@ fn generate_fails(dir: &Path, expect: &[&str]) -> String {
         "2",
     ]);
     check_failure(code, &err, expect)
-}
-
-fn check_failure(code: i32, err: &str, expect: &[&str]) -> String {
-    assert_ne!(code, 0, "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("error: "), "{err}");
-    for e in expect {
-        assert!(err.contains(e), "{err:?} should contain {e:?}");
-    }
-    err.to_string()
 }
 
 fn tiny_dir() -> tempfile::TempDir {

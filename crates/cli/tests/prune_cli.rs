@@ -4,33 +4,8 @@
 use distill_core::testing::{tiny_config, write_tiny_model_dir, write_tiny_tokens};
 use distill_core::Config;
 use std::path::Path;
-use std::process::Command;
-
-fn distill(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(args)
-        .output()
-        .expect("the distill binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn check_failure(code: i32, err: &str, expect: &[&str]) {
-    assert_ne!(code, 0, "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let last = err.trim_end().lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: "), "{err}");
-    assert!(
-        err.lines().filter(|l| l.starts_with("error")).count() == 1,
-        "not one error line: {err:?}"
-    );
-    for e in expect {
-        assert!(last.contains(e), "{last:?} should contain {e:?}");
-    }
-}
+mod common;
+use common::{check_failure_after_progress as check_failure, distill};
 
 fn train(
     teacher: &Path,

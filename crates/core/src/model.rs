@@ -685,14 +685,23 @@ impl CausalLm {
             let norms = (x_in.sqr()?.sum(D::Minus1)? * x.sqr()?.sum(D::Minus1)?)?.sqrt()?;
             let cos = (dot / (norms + 1e-12)?)?;
             probe.layer_cos[i] += cos.sum_all()?.to_scalar::<f32>()? as f64;
-            let rows = heads.reshape((b * t, nh * d))?;
-            let wo = &layer.self_attn.o_proj.weight; // (hidden, nh·d)
-            for h in 0..nh {
-                let part = rows
-                    .narrow(1, h * d, d)?
-                    .matmul(&wo.narrow(1, h * d, d)?.t()?)?;
-                let norms = part.sqr()?.sum(D::Minus1)?.sqrt()?;
-                probe.head_norm[i][h] += norms.sum_all()?.to_scalar::<f32>()? as f64;
+            // Each head's output through its own slice of o_proj: (nh, B·T, d) · (nh, d, hidden).
+            let per_head = heads
+                .reshape((b * t, nh, d))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let hidden = self.cfg.hidden_size;
+            let wo = layer
+                .self_attn
+                .o_proj
+                .weight
+                .reshape((hidden, nh, d))?
+                .permute((1, 2, 0))?
+                .contiguous()?;
+            let norms = per_head.matmul(&wo)?.sqr()?.sum(D::Minus1)?.sqrt()?; // (nh, B·T)
+            let per_head_sum = norms.sum(1)?.to_vec1::<f32>()?;
+            for (acc, v) in probe.head_norm[i].iter_mut().zip(per_head_sum) {
+                *acc += v as f64;
             }
             let col_norms = layer
                 .mlp

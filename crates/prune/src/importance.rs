@@ -20,9 +20,11 @@ pub struct Importance {
     pub block_influence: Vec<f64>,
     /// Per layer: mean KL(source ‖ source without that layer) per token, nats.
     pub drop_one_kl: Vec<f64>,
-    /// Per layer, per query head: mean L2 norm of the head's output.
+    /// Per layer, per query head: mean L2 norm of what the head writes into the residual stream
+    /// (its output through its slice of o_proj).
     pub heads: Vec<Vec<f64>>,
-    /// Per layer, per MLP channel: mean |silu(gate) · up|.
+    /// Per layer, per MLP channel: mean L2 norm of what the channel writes into the residual
+    /// stream (|silu(gate) · up| times the norm of its down_proj column).
     pub mlp: Vec<Vec<f64>>,
     /// Per hidden channel: mean |RMSNorm output|, summed over every norm of the model.
     pub hidden: Vec<f64>,

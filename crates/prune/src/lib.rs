@@ -237,7 +237,9 @@ pub fn prune(opts: &PruneOptions, progress: &mut dyn FnMut(String)) -> Result<Pr
             params: pcfg.num_params(),
             kl,
         });
-        if best.as_ref().is_none_or(|(b, _)| kl < candidates[*b].kl) {
+        // A NaN KL (a broken cut) never wins over a number.
+        let better = |b: &usize| kl < candidates[*b].kl || candidates[*b].kl.is_nan();
+        if best.as_ref().is_none_or(|(b, _)| better(b)) {
             best = Some((candidates.len() - 1, plan));
         }
     }

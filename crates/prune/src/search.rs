@@ -36,10 +36,11 @@ impl Target {
         if !v.is_finite() || v <= 0.0 {
             return Err(bad());
         }
-        let n = if mult == 1.0 && v < 1.0 {
-            (v * source_params as f64) as usize
-        } else if mult == 1.0 && v == 1.0 {
-            source_params
+        // Without a suffix, a number with a decimal point (or 1 and below) is a ratio of the
+        // source; a whole number above 1 is a count.
+        let ratio = mult == 1.0 && (num.contains('.') || v <= 1.0);
+        let n = if ratio {
+            (v * source_params as f64).round() as usize
         } else {
             (v * mult) as usize
         };

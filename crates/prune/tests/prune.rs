@@ -220,7 +220,7 @@ fn targets_parse_and_refuse_the_teachers_size() {
         Target::parse_params("800000", n).unwrap(),
         Target::Params(800_000)
     );
-    for s in ["1", "1.0", "2M", "1000000"] {
+    for s in ["1", "1.0", "1.5", "2M", "1000000"] {
         let e = Target::parse_params(s, n).unwrap_err().to_string();
         assert!(e.contains("at or above the teacher's"), "{s}: {e}");
     }

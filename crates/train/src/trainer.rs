@@ -485,6 +485,17 @@ pub fn train(
     let t = &cfg.train;
     let (student, mut varmap, scfg) =
         build_student(&cfg.teacher.model, &s.teacher_cfg, &cfg.student, &s.device)?;
+    if opts.resume && cfg.student.freeze_embeddings {
+        // Frozen tensors leave the VarMap below, so take them from the checkpoint first: a
+        // resumed run must not depend on the student dir it started from being unchanged.
+        if let Some((_, last)) = checkpoints(run).pop() {
+            let weights = last.join("model.safetensors");
+            distill_core::weights::check_safetensors(&weights)?;
+            varmap
+                .load(&weights)
+                .map_err(|e| Error::file(&weights, e))?;
+        }
+    }
     let (student, frozen) = if cfg.student.freeze_embeddings {
         crate::student::freeze(&scfg, &varmap, &[crate::student::EMBEDDINGS], &s.device)?
     } else {

@@ -429,3 +429,51 @@ fn a_cache_without_the_valid_split_evaluates_with_the_live_teacher() {
     assert_eq!(evals.len(), 2);
     assert!(evals[1]["kl_to_teacher"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn a_student_from_a_model_dir_with_frozen_embeddings_resumes_bit_identically() {
+    let f = fixture(true);
+    // The student starts as a copy of another random model of the teacher's shape and tokenizer.
+    let start = f.root.join("start");
+    write_tiny_model_dir(&start, &tiny_config(), 21).unwrap();
+    let cfg = |max_steps: u64| {
+        let text = format!(
+            "name = \"heal\"\n[data]\ntokens = {:?}\ncache = {:?}\n[teacher]\nmodel = {:?}\n\
+             [student]\ninit = \"model\"\nmodel = {:?}\nfreeze_embeddings = true\n\
+             [train]\nbatch_size = 2\nmax_steps = {max_steps}\nlr = 3e-3\nmin_lr = 3e-4\n\
+             warmup_steps = 2\nlog_every = 1\neval_every = 0\ncheckpoint_every = 100\n",
+            f.root.join("tokens").display().to_string(),
+            f.root.join("cache").display().to_string(),
+            f.root.join("teacher").display().to_string(),
+            start.display().to_string(),
+        );
+        RunConfig::from_table(toml::from_str(&text).unwrap()).unwrap()
+    };
+    let straight = f.root.join("straight");
+    run(cfg(10), &straight, false, None).unwrap();
+    let emb = |dir: &Path| {
+        let t =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        t["model.embed_tokens.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        emb(&straight.join("final")),
+        emb(&start),
+        "frozen embeddings moved"
+    );
+    let halves = f.root.join("halves");
+    run(cfg(10), &halves, false, Some(5)).unwrap();
+    // The dir the run started from changes under it: the resumed run reads its frozen
+    // embeddings from its own checkpoint, not from there.
+    write_tiny_model_dir(&start, &tiny_config(), 22).unwrap();
+    run(cfg(10), &halves, true, None).unwrap();
+    assert_eq!(losses(&straight), losses(&halves));
+    assert_eq!(
+        std::fs::read(straight.join("final/model.safetensors")).unwrap(),
+        std::fs::read(halves.join("final/model.safetensors")).unwrap()
+    );
+}
