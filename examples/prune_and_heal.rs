@@ -5,7 +5,8 @@
 //! slice of the corpus, heal the cut by distillation for STEPS steps (default 16) of 2 sequences,
 //! and evaluate teacher, cut and healed student. Needs the teacher and tokens that
 //! `scripts/quickstart.sh` (or fetch-teacher.sh, fetch-data.sh and `distill prepare`) put in
-//! models/ and data/tokens/corpus. About eight minutes on a 2-core CPU.
+//! models/ and data/tokens/corpus. About five minutes on a 2-core CPU once built (16 steps: held-out
+//! perplexity 167.8 → 68.5, teacher 16.6).
 
 use anyhow::{bail, Result};
 use candle_core::Device;
