@@ -99,16 +99,7 @@ fn prune_then_heal_and_refuse_bad_inputs() {
         &["--set", "student.freeze_embeddings=true"],
     );
     assert_eq!(code, 0, "{err}");
-    let emb = |d: &Path| {
-        let t =
-            candle_core::safetensors::load(d.join("model.safetensors"), &candle_core::Device::Cpu)
-                .unwrap();
-        t["model.embed_tokens.weight"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    let emb = |d: &Path| distill_core::testing::saved_tensor(d, "model.embed_tokens.weight");
     assert_eq!(
         emb(&frozen.join("final")),
         emb(&pruned),

@@ -550,24 +550,38 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
         mask: Option<Tensor>,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer
-                .self_attn
-                .forward(&h, &self.rope, pos, mask.as_ref(), layer_cache)?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            x = self.block(layer, &x, pos, mask.as_ref(), layer_cache)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// Token embeddings, (B, T) → (B, T, hidden).
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// One decoder layer on the residual stream: x + attn(norm(x)), then + mlp(norm(·)).
+    fn block(
+        &self,
+        layer: &Block,
+        x: &Tensor,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+    ) -> Result<Tensor> {
+        let h = layer.input_layernorm.forward(x)?;
+        let h = layer.self_attn.forward(&h, &self.rope, pos, mask, cache)?;
+        let x = (x + h)?;
+        let h = layer
+            .mlp
+            .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+        x + h
     }
 }
 
@@ -622,16 +636,12 @@ impl CausalLm {
     /// (B, T, hidden). With [`forward_from`](Self::forward_from), a layer's removal can be scored
     /// by running only the layers after it.
     pub fn residual_stream(&self, ids: &Tensor) -> Result<Vec<Tensor>> {
-        let (b, t) = ids.dims2()?;
-        let mask = causal_mask(t, 0, self.cfg.sliding_window, ids.device())?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mask = causal_mask(ids.dim(1)?, 0, self.cfg.sliding_window, ids.device())?;
+        let mut x = self.embed(ids)?;
         let mut out = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
             out.push(x.clone());
-            x = self.block(layer, &x, &mask)?;
+            x = self.block(layer, &x, 0, Some(&mask), None)?;
         }
         out.push(x);
         Ok(out)
@@ -644,21 +654,9 @@ impl CausalLm {
         let mask = causal_mask(t, 0, self.cfg.sliding_window, x.device())?;
         let mut x = x.clone();
         for layer in &self.layers[from.min(self.layers.len())..] {
-            x = self.block(layer, &x, &mask)?;
+            x = self.block(layer, &x, 0, Some(&mask), None)?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?)
-    }
-
-    fn block(&self, layer: &Block, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = layer.input_layernorm.forward(x)?;
-        let h = layer
-            .self_attn
-            .forward(&h, &self.rope, 0, Some(mask), None)?;
-        let x = (x + h)?;
-        let h = layer
-            .mlp
-            .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-        x + h
     }
 
     /// Logits for every position, (B, T, V), with the activation statistics that pruning ranks
@@ -666,10 +664,7 @@ impl CausalLm {
     pub fn forward_probed(&self, ids: &Tensor, probe: &mut Probe) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mask = causal_mask(t, 0, self.cfg.sliding_window, ids.device())?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed(ids)?;
         let (nh, d) = (self.cfg.num_attention_heads, self.cfg.head_dim);
         for (i, layer) in self.layers.iter().enumerate() {
             let x_in = x.clone();

@@ -99,6 +99,16 @@ pub fn write_tiny_model_dir(dir: &Path, cfg: &Config, seed: u64) -> Result<Causa
     Ok(model)
 }
 
+/// The values of tensor `name` in a model dir's `model.safetensors`, flattened (f32).
+pub fn saved_tensor(dir: &Path, name: &str) -> Vec<f32> {
+    let t = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .expect("a readable model.safetensors");
+    t[name]
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("an f32 tensor")
+}
+
 /// max |a − b| over all elements (f32).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

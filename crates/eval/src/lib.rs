@@ -174,15 +174,9 @@ pub fn evaluate(
 ) -> Result<Report> {
     let shards = TokenShards::open(tokens_dir, &opts.split)?;
     let mut teacher = load(teacher_dir, device, None)?;
-    if shards.meta.tokenizer_hash != teacher.tokenizer.hash() {
-        return Err(Error::file(
-            tokens_dir.join(distill_core::shards::META_FILE),
-            format!(
-                "token shards were made with another tokenizer than the teacher's ({})",
-                teacher_dir.display()
-            ),
-        ));
-    }
+    shards
+        .meta
+        .check_tokenizer(tokens_dir, &teacher.tokenizer, teacher_dir)?;
     let mut models = Vec::new();
     for s in students {
         models.push(load(s, device, Some(&teacher.tokenizer))?);

@@ -158,19 +158,7 @@ pub fn build_cache(
         )));
     }
     let tokens = TokenShardsMeta::read(tokens_dir)?;
-    let teacher_tok = teacher.tokenizer.hash();
-    if tokens.tokenizer_hash != teacher_tok {
-        return Err(Error::file(
-            tokens_dir.join(distill_core::shards::META_FILE),
-            format!(
-                "token shards were made with another tokenizer than the teacher's {} (tokenizer \
-                 hash {} vs {})",
-                teacher.dir.display(),
-                &tokens.tokenizer_hash[..12.min(tokens.tokenizer_hash.len())],
-                &teacher_tok[..12]
-            ),
-        ));
-    }
+    tokens.check_tokenizer(tokens_dir, &teacher.tokenizer, &teacher.dir)?;
     if tokens.vocab_size > teacher.config.vocab_size {
         return Err(Error::file(
             tokens_dir.join(distill_core::shards::META_FILE),

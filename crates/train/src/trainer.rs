@@ -452,15 +452,12 @@ fn save_checkpoint(
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
-fn load_checkpoint(dir: &Path, varmap: &mut VarMap, opt: &mut AdamW) -> Result<TrainerState> {
+/// A checkpoint's trainer state and optimizer state (its weights are loaded by `train` before
+/// the student's embeddings may be frozen).
+fn load_checkpoint(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     let state: TrainerState =
         serde_json::from_str(&read_text(&state_path)?).with_file(&state_path)?;
-    let weights = dir.join("model.safetensors");
-    distill_core::weights::check_safetensors(&weights)?;
-    varmap
-        .load(&weights)
-        .map_err(|e| Error::file(&weights, e))?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     distill_core::weights::check_safetensors(&opt_path)?;
     let tensors = candle_core::safetensors::load(&opt_path, &Device::Cpu)
@@ -485,16 +482,24 @@ pub fn train(
     let t = &cfg.train;
     let (student, mut varmap, scfg) =
         build_student(&cfg.teacher.model, &s.teacher_cfg, &cfg.student, &s.device)?;
-    if opts.resume && cfg.student.freeze_embeddings {
-        // Frozen tensors leave the VarMap below, so take them from the checkpoint first: a
-        // resumed run must not depend on the student dir it started from being unchanged.
-        if let Some((_, last)) = checkpoints(run).pop() {
-            let weights = last.join("model.safetensors");
-            distill_core::weights::check_safetensors(&weights)?;
-            varmap
-                .load(&weights)
-                .map_err(|e| Error::file(&weights, e))?;
+    let resume_from = match (opts.resume, checkpoints(run).pop()) {
+        (false, _) => None,
+        (true, Some((_, last))) => Some(last),
+        (true, None) => {
+            return Err(Error::file(
+                run,
+                "nothing to resume: no step-N/ checkpoint with trainer_state.json",
+            ))
         }
+    };
+    if let Some(last) = &resume_from {
+        // The checkpoint's weights go in before anything is frozen (frozen tensors leave the
+        // VarMap), so a resumed run never depends on the dir its student started from.
+        let weights = last.join("model.safetensors");
+        distill_core::weights::check_safetensors(&weights)?;
+        varmap
+            .load(&weights)
+            .map_err(|e| Error::file(&weights, e))?;
     }
     let (student, frozen) = if cfg.student.freeze_embeddings {
         crate::student::freeze(&scfg, &varmap, &[crate::student::EMBEDDINGS], &s.device)?
@@ -526,14 +531,8 @@ pub fn train(
         elapsed_seconds: 0.0,
         config: cfg.to_toml(),
     };
-    if opts.resume {
-        let Some((_, last)) = checkpoints(run).pop() else {
-            return Err(Error::file(
-                run,
-                "nothing to resume: no step-N/ checkpoint with trainer_state.json",
-            ));
-        };
-        state = load_checkpoint(&last, &mut varmap, &mut opt)?;
+    if let Some(last) = &resume_from {
+        state = load_checkpoint(last, &mut opt)?;
         state.config = cfg.to_toml();
         reader.restore(state.cursor);
     } else {

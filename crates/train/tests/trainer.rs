@@ -451,15 +451,7 @@ fn a_student_from_a_model_dir_with_frozen_embeddings_resumes_bit_identically() {
     };
     let straight = f.root.join("straight");
     run(cfg(10), &straight, false, None).unwrap();
-    let emb = |dir: &Path| {
-        let t =
-            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-        t["model.embed_tokens.weight"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    let emb = |dir: &Path| distill_core::testing::saved_tensor(dir, "model.embed_tokens.weight");
     assert_eq!(
         emb(&straight.join("final")),
         emb(&start),
