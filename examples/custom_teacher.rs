@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use distill::core::prepare::{prepare, PrepareOptions};
 use distill::core::ChatMessage;
+use distill::core::ModelDir;
 use distill::teacher::generate::{generate, SamplingParams};
-use distill::teacher::Teacher;
 use distill::train::config::RunConfig;
 use distill::train::trainer::{train, RunOptions};
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ fn main() -> Result<()> {
     let text = PathBuf::from(args.next().unwrap_or_else(|| "data/sample".into()));
     let device = Device::Cpu;
     let teacher =
-        Teacher::load(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+        ModelDir::load(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
     let c = &teacher.config;
     println!(
         "{}: {:?}, {} layers, hidden {}, {} heads ({} kv), vocab {}, {:.1}M parameters",

@@ -8,10 +8,9 @@
 
 use anyhow::{bail, Result};
 use candle_core::Device;
-use distill::core::weights::model_hash;
+use distill::core::ModelDir;
 use distill::eval::{evaluate, report, EvalOptions};
 use distill::teacher::cache::{build_cache, CacheOptions};
-use distill::teacher::Teacher;
 use distill::train::config::RunConfig;
 use distill::train::trainer::{train, Event, RunOptions};
 use std::path::Path;
@@ -33,8 +32,8 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
 
     // 1. Teacher → cache: top-64 targets for the first 32 training sequences.
-    let teacher = Teacher::load(teacher_dir, &device)?;
-    let hash = model_hash(teacher_dir)?;
+    let teacher = ModelDir::load(teacher_dir, &device)?;
+    let hash = teacher.hash()?;
     let cache_dir = Path::new("cache/example");
     let opts = CacheOptions {
         max_sequences: Some(32),

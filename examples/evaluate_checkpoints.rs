@@ -6,7 +6,8 @@
 
 use anyhow::{bail, Result};
 use candle_core::Device;
-use distill::eval::{checkpoint_step, evaluate, report, EvalOptions};
+use distill::core::run_dir::RunDir;
+use distill::eval::{evaluate, report, EvalOptions};
 use std::path::{Path, PathBuf};
 
 fn main() -> Result<()> {
@@ -15,15 +16,15 @@ fn main() -> Result<()> {
             .nth(1)
             .unwrap_or_else(|| "runs/smollm2-student".into()),
     );
-    let mut ckpts: Vec<PathBuf> = std::fs::read_dir(&run)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("config.json").exists() && checkpoint_step(p).is_some())
-        .collect();
-    ckpts.sort_by_key(|p| (checkpoint_step(p), p.ends_with("final")));
+    let dir = RunDir::new(&run);
+    let mut ckpts: Vec<PathBuf> = dir.checkpoints().into_iter().map(|(_, p)| p).collect();
+    if dir.final_dir().join("config.json").exists() {
+        ckpts.push(dir.final_dir());
+    }
     if ckpts.is_empty() {
         bail!("{}: no checkpoints (step-N/ or final/)", run.display());
     }
-    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(run.join("config.toml"))?)?;
+    let cfg: toml::Table = toml::from_str(&dir.config_text()?)?;
     let teacher = cfg["teacher"]["model"]
         .as_str()
         .unwrap_or("models/smollm2-135m-instruct");

@@ -5,8 +5,8 @@
 
 use anyhow::Result;
 use candle_core::Device;
+use distill::core::ModelDir;
 use distill::teacher::generate::{generate, SamplingParams};
-use distill::teacher::Teacher;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -21,8 +21,8 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| "models/smollm2-135m-instruct".into()),
     );
     let models = [
-        ("teacher", Teacher::load(&teacher, &Device::Cpu)?),
-        ("student", Teacher::load(&student, &Device::Cpu)?),
+        ("teacher", ModelDir::load(&teacher, &Device::Cpu)?),
+        ("student", ModelDir::load(&student, &Device::Cpu)?),
     ];
     let prompts = [
         "The capital of France is",

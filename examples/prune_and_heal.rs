@@ -10,11 +10,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::Device;
-use distill::core::weights::model_hash;
+use distill::core::ModelDir;
 use distill::eval::{evaluate, report, EvalOptions};
 use distill::prune::{prune, PruneOptions, TargetSpec};
 use distill::teacher::cache::{build_cache, CacheOptions};
-use distill::teacher::Teacher;
 use distill::train::config::RunConfig;
 use distill::train::trainer::{train, Event, RunOptions};
 use std::path::Path;
@@ -55,7 +54,7 @@ fn main() -> Result<()> {
     );
 
     // 2. Teacher → cache: top-64 targets on the sequences the healing run reads.
-    let teacher = Teacher::load(teacher_dir, &device)?;
+    let teacher = ModelDir::load(teacher_dir, &device)?;
     let cache_dir = Path::new("cache/example-heal");
     let opts = CacheOptions {
         max_sequences: Some(2 * steps),
@@ -65,7 +64,7 @@ fn main() -> Result<()> {
     };
     build_cache(
         &teacher,
-        &model_hash(teacher_dir)?,
+        &teacher.hash()?,
         tokens,
         cache_dir,
         &opts,

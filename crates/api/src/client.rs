@@ -8,12 +8,12 @@
 //! `logprobs` is the response's `choices[0].logprobs.content` (token, logprob, bytes,
 //! top_logprobs) or null.
 
-use distill_core::error::{read_text, write_atomic, Error, Result};
+use distill_core::error::{Error, Result};
+use distill_core::fsio::{read_text, write_atomic};
 use distill_core::ChatMessage;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::Digest;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -166,7 +166,7 @@ fn done_indices(path: &Path) -> Result<HashSet<usize>> {
         return Ok(HashSet::new());
     }
     let (records, complete) =
-        distill_core::error::read_jsonl::<Collected>(path, "a collected response")?;
+        distill_core::fsio::read_jsonl::<Collected>(path, "a collected response")?;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -311,7 +311,7 @@ pub async fn collect(
     let meta = CollectMeta {
         model: model.clone(),
         prompts_file: opts.prompts.display().to_string(),
-        prompts_sha256: distill_core::tokenizer::hex(&sha2::Sha256::digest(&prompts_bytes)),
+        prompts_sha256: distill_core::digest::sha256_hex(&prompts_bytes),
         prompts: prompts.len(),
         top_logprobs: opts.top_logprobs,
         max_tokens: opts.max_tokens,

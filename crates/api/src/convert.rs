@@ -19,10 +19,10 @@ use distill_core::cache::{
     encode_shard, plan, tokens_hash, CacheDType, CacheManifest, CacheSettings, CacheShardMeta,
     API_TEACHER_PREFIX, CACHE_FORMAT_VERSION,
 };
-use distill_core::error::{read_text, write_atomic, Error, Result};
+use distill_core::error::{Error, Result};
+use distill_core::fsio::{read_text, write_atomic};
 use distill_core::shards::{SourceMeta, SplitWriter, TokenShardsMeta, FORMAT_VERSION};
 use distill_core::Tokenizer;
-use sha2::Digest;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -66,7 +66,7 @@ pub fn read_collection(dir: &Path) -> Result<(CollectMeta, Vec<Collected>)> {
         .map_err(|e| Error::file(&meta_path, format!("not a collect.json: {e}")))?;
     let path = dir.join("responses.jsonl");
     // A torn last line from a killed run is skipped (`collect --resume` cuts it).
-    let (mut out, _) = distill_core::error::read_jsonl::<Collected>(&path, "a collected answer")?;
+    let (mut out, _) = distill_core::fsio::read_jsonl::<Collected>(&path, "a collected answer")?;
     if out.is_empty() {
         return Err(Error::file(&path, "no answers"));
     }
@@ -222,7 +222,7 @@ pub fn prepare_collected(opts: &PrepareCollectedOptions) -> Result<PrepareCollec
     summary.sequences = samples.len();
 
     // Write into a temporary dir, renamed into place when complete.
-    let tmp = distill_core::error::tmp_name(&opts.out);
+    let tmp = distill_core::fsio::tmp_name(&opts.out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -244,7 +244,7 @@ pub fn prepare_collected(opts: &PrepareCollectedOptions) -> Result<PrepareCollec
         splits: BTreeMap::from([("train".to_string(), split)]),
         sources: vec![SourceMeta {
             path: responses.display().to_string(),
-            sha256: distill_core::tokenizer::hex(&sha2::Sha256::digest(&resp_bytes)),
+            sha256: distill_core::digest::sha256_hex(&resp_bytes),
             bytes: resp_bytes.len() as u64,
             documents: samples.len() as u64,
             tokens: summary.target_tokens,
@@ -314,7 +314,7 @@ pub fn prepare_collected(opts: &PrepareCollectedOptions) -> Result<PrepareCollec
             manifest.shards.push(CacheShardMeta {
                 shard: p.clone(),
                 bytes: bytes.len() as u64,
-                sha256: distill_core::tokenizer::hex(&sha2::Sha256::digest(&bytes)),
+                sha256: distill_core::digest::sha256_hex(&bytes),
             });
         }
         manifest.write(&cache_dir)?;

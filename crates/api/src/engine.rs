@@ -162,7 +162,7 @@ impl Engine {
 fn row_logprobs(row: &[f32], id: u32, k: usize) -> TokenLogprob {
     let k = k.min(row.len());
     let (mut ids, mut lps) = (vec![0u32; k], vec![0f32; k]);
-    let lse = distill_core::cache::row_topk(row, &mut ids, &mut lps);
+    let lse = distill_core::logits::row_topk(row, &mut ids, &mut lps);
     TokenLogprob {
         id,
         logprob: row[id as usize] - lse,

@@ -10,7 +10,8 @@
 //! the quotas. The report shows where to look; it does not decide.
 
 use crate::protocol::ApiError;
-use distill_core::error::{read_text, Error, Result};
+use distill_core::error::{Error, Result};
+use distill_core::fsio::read_text;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
@@ -382,7 +383,7 @@ pub fn usage_report(records: &[AuditRecord]) -> Vec<KeyUsage> {
 
 /// Reads an audit log; a torn last line (the server killed mid-write) is skipped.
 pub fn read_audit(path: &Path) -> Result<Vec<AuditRecord>> {
-    Ok(distill_core::error::read_jsonl(path, "an audit record")?.0)
+    Ok(distill_core::fsio::read_jsonl(path, "an audit record")?.0)
 }
 
 /// The report as a markdown table.
@@ -432,9 +433,7 @@ mod tests {
             top_logprobs: if logprobs { 20 } else { 0 },
             n: 1,
             stream: false,
-            prompt_sha256: distill_core::tokenizer::hex(&<sha2::Sha256 as sha2::Digest>::digest(
-                prompt.as_bytes(),
-            )),
+            prompt_sha256: distill_core::digest::sha256_hex(prompt.as_bytes()),
             prompt_shape: prompt_shape(prompt),
             latency_ms: 1,
         }

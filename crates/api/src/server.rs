@@ -18,7 +18,6 @@ use axum::{Json, Router};
 use candle_core::Device;
 use distill_core::{Result, Tokenizer};
 use serde_json::{json, Value};
-use sha2::Digest;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,7 +62,7 @@ fn now_unix() -> f64 {
 impl AppState {
     /// Loads the model and starts the engine thread.
     pub fn load(opts: &ServeOptions) -> Result<Arc<Self>> {
-        let teacher = distill_teacher::Teacher::load(&opts.model_dir, &opts.device)?;
+        let teacher = distill_core::ModelDir::load(&opts.model_dir, &opts.device)?;
         let token_bytes = teacher.tokenizer.token_bytes_table();
         let stop_ids = teacher.tokenizer.stop_ids();
         let model_name = opts
@@ -231,7 +230,7 @@ impl Audit {
             top_logprobs: self.spec.top_logprobs.unwrap_or(0) as u32,
             n: self.spec.n as u32,
             stream: self.spec.stream,
-            prompt_sha256: distill_core::tokenizer::hex(&sha2::Sha256::digest(text.as_bytes())),
+            prompt_sha256: distill_core::digest::sha256_hex(text.as_bytes()),
             prompt_shape: prompt_shape(&text),
             latency_ms: self.start.elapsed().as_millis() as u64,
         });

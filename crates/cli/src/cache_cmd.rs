@@ -5,10 +5,10 @@ use crate::DeviceArg;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use distill_core::cache::CacheDType;
+use distill_core::parse_device;
 use distill_core::shards::TokenShardsMeta;
-use distill_core::{parse_device, weights::model_hash};
+use distill_core::ModelDir;
 use distill_teacher::cache::{build_cache, merge_cache, CacheOptions};
-use distill_teacher::Teacher;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -89,8 +89,8 @@ pub fn cache(a: CacheArgs) -> Result<()> {
         bail!("--top-k must be at least 1");
     }
     let device = parse_device(&a.device.device)?;
-    let teacher = Teacher::load(teacher_dir, &device)?;
-    let hash = model_hash(teacher_dir)?;
+    let teacher = ModelDir::load(teacher_dir, &device)?;
+    let hash = teacher.hash()?;
     let splits = if a.splits.is_empty() {
         tokens.splits.keys().cloned().collect()
     } else {
@@ -158,8 +158,8 @@ pub struct BenchCacheArgs {
 
 pub fn bench(a: BenchCacheArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
-    let teacher = Teacher::load(&a.teacher, &device)?;
-    let hash = model_hash(&a.teacher)?;
+    let teacher = ModelDir::load(&a.teacher, &device)?;
+    let hash = teacher.hash()?;
     let r =
         distill_teacher::bench::bench_cache(&teacher, &hash, &a.tokens, a.batch, a.iters, a.top_k)?;
     if a.json {

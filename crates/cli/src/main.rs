@@ -3,9 +3,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
+use distill_core::ModelDir;
 use distill_core::{parse_device, ChatMessage};
 use distill_teacher::generate::{generate, SamplingParams};
-use distill_teacher::Teacher;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -157,8 +157,11 @@ struct LogitsArgs {
 
 fn logits_cmd(a: LogitsArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
-    let (model, _) = distill_core::load_model(&a.model, &device)?;
-    let tok = distill_core::Tokenizer::from_dir(&a.model)?;
+    let ModelDir {
+        model,
+        tokenizer: tok,
+        ..
+    } = ModelDir::load(&a.model, &device)?;
     let ids = tok.encode(&a.text, false)?;
     if ids.is_empty() {
         bail!("--text: no tokens to score");
@@ -365,7 +368,7 @@ fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let prompts = read_prompts(&a)?;
     let device = parse_device(&a.device.device)?;
-    let teacher = Teacher::load(&a.model, &device)?;
+    let teacher = ModelDir::load(&a.model, &device)?;
     let tok = &teacher.tokenizer;
     let params = SamplingParams {
         temperature: a.temperature,
@@ -416,9 +419,9 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 
 fn bench_teacher(a: BenchTeacherArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
-    let (model, _) = distill_core::load_model(&a.model, &device)?;
-    let r = distill_teacher::bench::bench_teacher(
-        &model,
+    let m = ModelDir::load(&a.model, &device)?;
+    let r = distill_teacher::bench::bench_model(
+        &m.model,
         a.batch,
         a.seq_len,
         a.iters,

@@ -41,8 +41,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             for s in &sets {
                 distill_train::config::apply_set(&mut table, s)?;
             }
-            let cfg = RunConfig::from_table(table)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", run.join("config.toml").display()))?;
+            let cfg = RunConfig::from_table(table).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {e}",
+                    distill_core::run_dir::RunDir::new(run)
+                        .config_path()
+                        .display()
+                )
+            })?;
             (cfg, run.clone(), true)
         }
         None => {

@@ -482,10 +482,7 @@ fn a_corrupted_token_shard_is_refused_by_train_cache_and_eval() {
     let meta_path = tokens.join("meta.json");
     let mut meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
-    let digest = {
-        use sha2::Digest;
-        distill_core::tokenizer::hex(&sha2::Sha256::digest(std::fs::read(&shard).unwrap()))
-    };
+    let digest = { distill_core::digest::sha256_hex(std::fs::read(&shard).unwrap()) };
     meta["splits"]["train"]["shards"][1]["sha256"] = serde_json::json!(digest);
     std::fs::write(&meta_path, meta.to_string()).unwrap();
     for args in commands(()) {

@@ -21,9 +21,10 @@
 //! Cache shards are aligned with token shards (each lies inside one) and small (default 256
 //! sequences) so that an interrupted run loses little and resumes at the first incomplete shard.
 
-use crate::error::{read_text, write_atomic, Error, FileContext, Result};
+use crate::digest::hex;
+use crate::error::{Error, FileContext, Result};
+use crate::fsio::{read_text, write_atomic};
 use crate::shards::TokenShardsMeta;
-use crate::tokenizer::hex;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -287,36 +288,6 @@ pub fn plan(meta: &TokenShardsMeta, settings: &CacheSettings) -> Result<Vec<Plan
         }
     }
     Ok(out)
-}
-
-/// Top-k of one row of raw logits, most likely first (ties: lower id first), written to `ids` and
-/// `logprobs` (len k each); returns the row's logsumexp (accumulated in f64).
-pub fn row_topk(row: &[f32], ids: &mut [u32], logprobs: &mut [f32]) -> f32 {
-    let k = ids.len().min(row.len());
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
-    if k == 0 {
-        return lse;
-    }
-    // A sorted (descending) list of the best k; most candidates fail the first comparison.
-    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-    for (i, &x) in row.iter().enumerate() {
-        if best.len() == k {
-            // (NaN never enters: it compares false.)
-            if x.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater) {
-                continue;
-            }
-            best.pop();
-        }
-        let at = best.partition_point(|b| b.0 >= x);
-        best.insert(at, (x, i as u32));
-    }
-    for (j, (x, i)) in best.into_iter().enumerate() {
-        ids[j] = i;
-        logprobs[j] = x - lse;
-    }
-    lse
 }
 
 /// Serialises one shard's arrays as safetensors bytes.

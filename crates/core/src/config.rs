@@ -1,7 +1,8 @@
 //! Model configuration: `HfConfig` mirrors a Hugging Face `config.json` as transformers 4.x and 5.x
 //! write it (unknown fields ignored, HF's defaults); `Config` is what the model runs on.
 
-use crate::error::{read_text, Error, FileContext, Result};
+use crate::error::{Error, FileContext, Result};
+use crate::fsio::read_text;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

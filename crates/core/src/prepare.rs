@@ -2,9 +2,10 @@
 //! tokenizes documents in parallel batches, packs them with EOS between documents, and writes the
 //! shards and `meta.json` into a temporary dir that replaces the output only when complete.
 
+use crate::digest::hex;
 use crate::error::{Error, Result};
 use crate::shards::{SourceMeta, SplitWriter, TokenShardsMeta, FORMAT_VERSION};
-use crate::tokenizer::{hex, ChatMessage, Tokenizer};
+use crate::tokenizer::{ChatMessage, Tokenizer};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -208,7 +209,7 @@ pub fn prepare(
             )
         })?;
 
-    let tmp = crate::error::tmp_name(out);
+    let tmp = crate::fsio::tmp_name(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }

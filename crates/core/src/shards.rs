@@ -3,8 +3,9 @@
 //! hash and per-shard checksums. Written by `distill prepare`, read by the cache builder, the
 //! trainer and eval through [`TokenShards`] and the seeded, resumable [`BatchReader`].
 
-use crate::error::{read_text, write_atomic, Error, FileContext, Result};
-use crate::tokenizer::hex;
+use crate::digest::{hex, sha256_hex};
+use crate::error::{Error, FileContext, Result};
+use crate::fsio::{read_text, write_atomic};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -200,7 +201,7 @@ impl SplitWriter {
         if self.current.is_none() {
             let name = format!("{}/shard-{:05}.bin", self.split, self.written.len());
             let path = self.dir.join(&name);
-            let tmp = crate::error::tmp_name(&path);
+            let tmp = crate::fsio::tmp_name(&path);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
             }
@@ -208,7 +209,7 @@ impl SplitWriter {
             self.current = Some((std::io::BufWriter::new(f), tmp, 0, Sha256::new()));
             if mask.is_some() {
                 let mpath = self.dir.join(mask_file(&name));
-                let mtmp = crate::error::tmp_name(&mpath);
+                let mtmp = crate::fsio::tmp_name(&mpath);
                 let f = std::fs::File::create(&mtmp).map_err(|e| Error::io(&mtmp, e))?;
                 self.current_mask = Some((std::io::BufWriter::new(f), mtmp, Sha256::new()));
             }
@@ -411,7 +412,7 @@ impl TokenShards {
 /// release), so every open verifies.
 fn check_sha256(path: &Path, bytes: &[u8], want: Option<&str>) -> Result<()> {
     let Some(want) = want else { return Ok(()) };
-    let got = hex(&Sha256::digest(bytes));
+    let got = sha256_hex(bytes);
     if got != want {
         return Err(Error::file(
             path,
@@ -422,7 +423,7 @@ fn check_sha256(path: &Path, bytes: &[u8], want: Option<&str>) -> Result<()> {
 }
 
 /// Where a [`BatchReader`] stands: the epoch and the position in that epoch's order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     pub epoch: u64,
     pub index: u64,

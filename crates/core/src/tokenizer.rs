@@ -1,7 +1,9 @@
 //! Tokenizers: HF `tokenizer.json` plus what the model dir's configs say about special tokens and
 //! the chat template, or the same built from a GGUF file's metadata.
 
-use crate::error::{read_text, Error, FileContext, Result};
+use crate::digest::sha256_hex;
+use crate::error::{Error, FileContext, Result};
+use crate::fsio::read_text;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -296,9 +298,8 @@ impl Tokenizer {
 
     /// sha256 of the canonical `tokenizer.json` text; equal tokenizers hash equal.
     pub fn hash(&self) -> String {
-        use sha2::Digest;
         let text = self.inner.to_string(false).unwrap_or_default();
-        hex(&sha2::Sha256::digest(text.as_bytes()))
+        sha256_hex(text.as_bytes())
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` into a model dir.
@@ -307,7 +308,7 @@ impl Tokenizer {
             .inner
             .to_string(true)
             .map_err(|e| Error::Msg(format!("serialising tokenizer: {e}")))?;
-        crate::error::write_atomic(dir.join("tokenizer.json"), json.as_bytes())?;
+        crate::fsio::write_atomic(dir.join("tokenizer.json"), json.as_bytes())?;
         let mut added = serde_json::Map::new();
         for (id, tok) in self.inner.get_added_tokens_decoder() {
             added.insert(
@@ -338,7 +339,7 @@ impl Tokenizer {
                 obj.insert(key.into(), json!(v));
             }
         }
-        crate::error::write_atomic(
+        crate::fsio::write_atomic(
             dir.join("tokenizer_config.json"),
             serde_json::to_string_pretty(&cfg)
                 .expect("a JSON value serialises")
@@ -396,10 +397,6 @@ pub fn byte_chars() -> Vec<char> {
         }
     }
     table
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `tokenizer.json` of a GPT-2-style byte-level BPE as HF writes it for SmolLM2: digits split

@@ -3,7 +3,8 @@
 //! them, and writing tensors back as safetensors.
 
 use crate::config::Config;
-use crate::error::{read_text, write_atomic, Error, FileContext, Result};
+use crate::error::{Error, FileContext, Result};
+use crate::fsio::{read_text, write_atomic};
 use crate::model::CausalLm;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -121,7 +122,7 @@ pub fn file_sha256(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(crate::tokenizer::hex(&hasher.finalize()))
+    Ok(crate::digest::hex(&hasher.finalize()))
 }
 
 /// The identity of a model dir's weights: sha256 over `config.json` and every safetensors file
@@ -143,7 +144,7 @@ pub fn model_hash(dir: &Path) -> Result<String> {
             .unwrap_or_default();
         hasher.update(format!("{name} {h}\n").as_bytes());
     }
-    Ok(crate::tokenizer::hex(&hasher.finalize()))
+    Ok(crate::digest::hex(&hasher.finalize()))
 }
 
 /// A VarMap's tensors by name (what `save_model_dir` / `save_safetensors` take).
@@ -176,7 +177,7 @@ pub fn save_safetensors(
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.contiguous()?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    let tmp = crate::error::tmp_name(path);
+    let tmp = crate::fsio::tmp_name(path);
     candle_core::safetensors::save(&converted, &tmp).with_file(&tmp)?;
     // The serialiser creates the file owner-only; model files are meant to be shared.
     #[cfg(unix)]

@@ -7,7 +7,7 @@ pub mod report;
 
 use candle_core::{DType, Device, Tensor};
 use distill_core::shards::TokenShards;
-use distill_core::{CausalLm, Config, Error, Result, Tokenizer};
+use distill_core::{CausalLm, Error, ModelDir, Result, Tokenizer};
 use metrics::{add_row, summarize, Accumulator};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -88,38 +88,15 @@ pub struct Report {
     pub generations: Vec<Generation>,
 }
 
+/// A model in the pass: its dir opened once, and what the pass has accumulated for it.
 struct Loaded {
+    md: ModelDir,
     name: String,
-    dir: PathBuf,
-    model: CausalLm,
-    cfg: Config,
-    tokenizer: Tokenizer,
     same_tokenizer: bool,
     acc: Accumulator,
 }
 
-/// A short, unique-enough display name: the dir name, with its parent for checkpoint dirs.
-pub fn model_name(dir: &Path) -> String {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| dir.display().to_string());
-    let is_ckpt = name == "final" || name.starts_with("step-");
-    match (is_ckpt, dir.parent().and_then(|p| p.file_name())) {
-        (true, Some(run)) => format!("{}/{name}", run.to_string_lossy()),
-        _ => name,
-    }
-}
-
-/// The step of a checkpoint dir (`step-N`, or `final` from its trainer_state.json).
-pub fn checkpoint_step(dir: &Path) -> Option<u64> {
-    let name = dir.file_name()?.to_string_lossy().into_owned();
-    if let Some(n) = name.strip_prefix("step-") {
-        return n.parse().ok();
-    }
-    let state = std::fs::read_to_string(dir.join("trainer_state.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&state).ok()?["step"].as_u64()
-}
+pub use distill_core::run_dir::checkpoint_step;
 
 fn dir_size(dir: &Path) -> u64 {
     distill_core::weights::safetensors_files(dir)
@@ -133,18 +110,11 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 fn load(dir: &Path, device: &Device, teacher_tok: Option<&Tokenizer>) -> Result<Loaded> {
-    if !dir.is_dir() {
-        return Err(Error::file(dir, "model dir does not exist"));
-    }
-    let (model, cfg) = distill_core::load_model(dir, device)?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let same = teacher_tok.is_none_or(|t| t.hash() == tokenizer.hash());
+    let md = ModelDir::load(dir, device)?;
+    let same = teacher_tok.is_none_or(|t| t.hash() == md.tokenizer.hash());
     Ok(Loaded {
-        name: model_name(dir),
-        dir: dir.to_path_buf(),
-        model,
-        cfg,
-        tokenizer,
+        name: md.name(),
+        md,
         same_tokenizer: same,
         acc: Accumulator::new(),
     })
@@ -170,30 +140,83 @@ pub fn evaluate(
     tokens_dir: &Path,
     opts: &EvalOptions,
     device: &Device,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Report> {
     let shards = TokenShards::open(tokens_dir, &opts.split)?;
     let mut teacher = load(teacher_dir, device, None)?;
     shards
         .meta
-        .check_tokenizer(tokens_dir, &teacher.tokenizer, teacher_dir)?;
+        .check_tokenizer(tokens_dir, &teacher.md.tokenizer, teacher_dir)?;
     let mut models = Vec::new();
     for s in students {
-        models.push(load(s, device, Some(&teacher.tokenizer))?);
+        models.push(load(s, device, Some(&teacher.md.tokenizer))?);
     }
+    if shards.is_empty() {
+        return Err(Error::file(
+            tokens_dir,
+            format!("split '{}' holds no sequences", opts.split),
+        ));
+    }
+    let bytes = score(&shards, &mut teacher, &mut models, opts, device, progress)?;
+    let all: Vec<&Loaded> = std::iter::once(&teacher).chain(models.iter()).collect();
+    let mut speeds = Vec::new();
+    for m in &all {
+        speeds.push(if opts.speed {
+            let r = distill_teacher::bench::bench_model(
+                &m.md.model,
+                1,
+                shards.seq_len().min(256),
+                2,
+                32,
+            )?;
+            Some((r.prefill_tokens_per_second, r.decode_tokens_per_second))
+        } else {
+            None
+        });
+    }
+    let teacher_prefill = speeds[0].map(|s| s.0);
+    let generations = generations(&all, opts)?;
+    let models = all
+        .iter()
+        .zip(&speeds)
+        .enumerate()
+        .map(|(i, (m, speed))| model_report(m, *speed, teacher_prefill, i == 0, bytes))
+        .collect();
+    Ok(Report {
+        tokens_dir: tokens_dir.to_path_buf(),
+        split: opts.split.clone(),
+        tokens: teacher.acc.tokens,
+        bytes,
+        device: distill_core::device::device_name(device),
+        threads: distill_core::device::cpu_threads(),
+        models,
+        generations,
+    })
+}
+
+/// The scoring pass: every batch of the split through the teacher once and through each student,
+/// each row's metrics accumulated per model. Returns the bytes of text the scored tokens cover.
+fn score(
+    shards: &TokenShards,
+    teacher: &mut Loaded,
+    models: &mut [Loaded],
+    opts: &EvalOptions,
+    device: &Device,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64> {
     // A masked split (e.g. answers collected from an API, `distill prepare-collected`) is scored
     // on its target tokens only: the answers, not the prompts that condition them.
     let masked = shards.target_mask(0).is_some();
     if masked {
         if let Some(m) = models.iter().find(|m| !m.same_tokenizer) {
             return Err(Error::file(
-                &m.dir,
+                &m.md.dir,
                 "has another tokenizer than the teacher: a masked split can only score students \
                  with the teacher's tokenizer",
             ));
         }
     }
-    let token_bytes = masked.then(|| teacher.tokenizer.token_bytes_table());
+    let token_bytes = masked.then(|| teacher.md.tokenizer.token_bytes_table());
     let t = shards.seq_len();
     let per_seq = (t - 1) as u64;
     let n_seqs = if opts.max_tokens == 0 {
@@ -204,8 +227,7 @@ pub fn evaluate(
             .min(shards.len() as u64) as usize
     };
     let total = n_seqs as u64 * per_seq;
-    let mut bytes = 0u64;
-    let mut done = 0u64;
+    let (mut bytes, mut done) = (0u64, 0u64);
     progress(0, total);
     for b0 in (0..n_seqs).step_by(opts.batch_size.max(1)) {
         let seqs: Vec<usize> = (b0..(b0 + opts.batch_size.max(1)).min(n_seqs)).collect();
@@ -219,34 +241,32 @@ pub fn evaluate(
             .filter(|&(s, i)| masks[s].is_none_or(|m| m[i + 1] == 1))
             .map(|(s, i)| (s * t + i, ids[s * t + i + 1]))
             .collect();
-        match &token_bytes {
-            Some(table) => {
-                bytes += rows
-                    .iter()
-                    .map(|&(_, l)| table.get(l as usize).map_or(0, Vec::len) as u64)
-                    .sum::<u64>();
-            }
-            None => {
-                for s in 0..b {
+        bytes += match &token_bytes {
+            Some(table) => rows
+                .iter()
+                .map(|&(_, l)| table.get(l as usize).map_or(0, Vec::len) as u64)
+                .sum::<u64>(),
+            None => (0..b)
+                .map(|s| {
                     let text = teacher
+                        .md
                         .tokenizer
                         .decode(&ids[s * t + 1..(s + 1) * t], true)?;
-                    bytes += text.len() as u64;
-                }
-            }
-        }
+                    Ok(text.len() as u64)
+                })
+                .sum::<Result<u64>>()?,
+        };
         let input = Tensor::from_vec(ids.clone(), (b, t), device)?;
-        let (tl, tv) = logits_rows(&teacher.model, &input)?;
+        let (tl, tv) = logits_rows(&teacher.md.model, &input)?;
         let summaries: Vec<metrics::RowSummary> = rows
             .par_iter()
             .map(|&(r, _)| summarize(&tl[r * tv..(r + 1) * tv]))
             .collect();
-        let row_acc = |logits: &[f32], v: usize, with_teacher: bool| -> Accumulator {
+        let row_acc = |logits: &[f32], v: usize| -> Accumulator {
             rows.par_iter()
                 .enumerate()
                 .fold(Accumulator::new, |mut acc, (k, &(r, label))| {
-                    let teacher_row =
-                        with_teacher.then(|| (&tl[r * tv..(r + 1) * tv], &summaries[k]));
+                    let teacher_row = Some((&tl[r * tv..(r + 1) * tv], &summaries[k]));
                     add_row(&mut acc, &logits[r * v..(r + 1) * v], label, teacher_row);
                     acc
                 })
@@ -255,129 +275,116 @@ pub fn evaluate(
                     a
                 })
         };
-        let a = row_acc(&tl, tv, true);
-        teacher.acc.merge(&a);
-        for m in &mut models {
+        teacher.acc.merge(&row_acc(&tl, tv));
+        for m in models.iter_mut() {
             if m.same_tokenizer {
-                let (sl, sv) = logits_rows(&m.model, &input)?;
-                let a = row_acc(&sl, sv, true);
-                m.acc.merge(&a);
+                let (sl, sv) = logits_rows(&m.md.model, &input)?;
+                m.acc.merge(&row_acc(&sl, sv));
             } else {
-                // Another tokenizer: re-tokenize the same text; cross-entropy per its own tokens
-                // (compare models by bits per byte).
                 for s in 0..b {
-                    let text = teacher.tokenizer.decode(&ids[s * t..(s + 1) * t], false)?;
-                    let mut own = m.tokenizer.encode(&text, false)?;
-                    own.truncate(m.cfg.max_position_embeddings.min(4096));
-                    if own.len() < 2 {
-                        continue;
-                    }
-                    let n = own.len();
-                    let input = Tensor::from_vec(own.clone(), (1, n), device)?;
-                    let (sl, sv) = logits_rows(&m.model, &input)?;
-                    for i in 0..n - 1 {
-                        add_row(&mut m.acc, &sl[i * sv..(i + 1) * sv], own[i + 1], None);
-                    }
+                    let text = teacher
+                        .md
+                        .tokenizer
+                        .decode(&ids[s * t..(s + 1) * t], false)?;
+                    score_retokenized(m, &text, device)?;
                 }
             }
         }
         done += b as u64 * per_seq;
         progress(done, total);
     }
-    if done == 0 {
-        return Err(Error::file(
-            tokens_dir,
-            format!("split '{}' holds no sequences", opts.split),
-        ));
-    }
+    Ok(bytes)
+}
 
-    // Speed, measured in this run on this machine.
-    let mut speeds = Vec::new();
-    for m in std::iter::once(&teacher).chain(models.iter()) {
-        speeds.push(if opts.speed {
-            let r = distill_teacher::bench::bench_teacher(&m.model, 1, t.min(256), 2, 32)?;
-            Some((r.prefill_tokens_per_second, r.decode_tokens_per_second))
-        } else {
-            None
-        });
+/// A model with another tokenizer: the same text re-tokenized, cross-entropy per its own tokens
+/// (compare such models by bits per byte).
+fn score_retokenized(m: &mut Loaded, text: &str, device: &Device) -> Result<()> {
+    let mut own = m.md.tokenizer.encode(text, false)?;
+    own.truncate(m.md.config.max_position_embeddings.min(4096));
+    if own.len() < 2 {
+        return Ok(());
     }
-    let teacher_prefill = speeds[0].map(|s| s.0);
+    let n = own.len();
+    let input = Tensor::from_vec(own.clone(), (1, n), device)?;
+    let (sl, sv) = logits_rows(&m.md.model, &input)?;
+    for i in 0..n - 1 {
+        add_row(&mut m.acc, &sl[i * sv..(i + 1) * sv], own[i + 1], None);
+    }
+    Ok(())
+}
 
-    // Generations.
-    let mut generations = Vec::new();
+/// Greedy completions of every prompt by every model, side by side.
+fn generations(models: &[&Loaded], opts: &EvalOptions) -> Result<Vec<Generation>> {
+    let params = distill_teacher::generate::SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        max_new_tokens: opts.max_new_tokens,
+    };
+    let mut out = Vec::new();
     for p in &opts.prompts {
         let mut completions = Vec::new();
-        for m in std::iter::once(&teacher).chain(models.iter()) {
-            let ids = m.tokenizer.encode(p, true)?;
-            let params = distill_teacher::generate::SamplingParams {
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-                max_new_tokens: opts.max_new_tokens,
-            };
-            let out = distill_teacher::generate::generate(
-                &m.model,
+        for m in models {
+            let tok = &m.md.tokenizer;
+            let ids = tok.encode(p, true)?;
+            let gen = distill_teacher::generate::generate(
+                &m.md.model,
                 &ids,
-                &m.tokenizer.stop_ids(),
+                &tok.stop_ids(),
                 &params,
                 |_| Ok(()),
             )?;
-            completions.push((m.name.clone(), m.tokenizer.decode(&out.tokens, true)?));
+            completions.push((m.name.clone(), tok.decode(&gen.tokens, true)?));
         }
-        generations.push(Generation {
+        out.push(Generation {
             prompt: p.clone(),
             completions,
         });
     }
+    Ok(out)
+}
 
-    let report_of = |m: &Loaded, speed: Option<(f64, f64)>, is_teacher: bool| {
-        let a = &m.acc;
-        let rel = m.same_tokenizer && a.compared > 0;
-        let frac = |x: u64| rel.then(|| x as f64 / a.compared.max(1) as f64);
-        ModelReport {
-            name: m.name.clone(),
-            path: m.dir.clone(),
-            is_teacher,
-            params: m.cfg.num_params(),
-            non_embedding_params: m.cfg.num_non_embedding_params(),
-            size_on_disk_bytes: dir_size(&m.dir),
-            layers: m.cfg.num_hidden_layers,
-            hidden: m.cfg.hidden_size,
-            vocab_size: m.cfg.vocab_size,
-            perplexity: a.perplexity(),
-            cross_entropy: a.mean_ce(),
-            bits_per_byte: a.ce / std::f64::consts::LN_2 / bytes.max(1) as f64,
-            tokens: a.tokens,
-            kl_to_teacher: rel.then(|| a.kl / a.compared.max(1) as f64),
-            top1_agreement: frac(a.top1),
-            top5_agreement: frac(a.top5),
-            ece: a.ece(),
-            prefill_tokens_per_second: speed.map(|s| s.0),
-            decode_tokens_per_second: speed.map(|s| s.1),
-            speedup: match (speed, teacher_prefill) {
-                (Some(s), Some(t)) => Some(s.0 / t),
-                _ => None,
-            },
-            step: checkpoint_step(&m.dir),
-            note: (!m.same_tokenizer).then(|| {
-                "another tokenizer than the teacher's: perplexity is per its own tokens on the \
-                 same text (compare bits per byte); no teacher-relative metrics"
-                    .to_string()
-            }),
-        }
-    };
-    let mut out = vec![report_of(&teacher, speeds[0], true)];
-    for (m, s) in models.iter().zip(&speeds[1..]) {
-        out.push(report_of(m, *s, false));
+/// One model's row of the report.
+fn model_report(
+    m: &Loaded,
+    speed: Option<(f64, f64)>,
+    teacher_prefill: Option<f64>,
+    is_teacher: bool,
+    bytes: u64,
+) -> ModelReport {
+    let a = &m.acc;
+    let cfg = &m.md.config;
+    let rel = m.same_tokenizer && a.compared > 0;
+    let frac = |x: u64| rel.then(|| x as f64 / a.compared.max(1) as f64);
+    ModelReport {
+        name: m.name.clone(),
+        path: m.md.dir.clone(),
+        is_teacher,
+        params: cfg.num_params(),
+        non_embedding_params: cfg.num_non_embedding_params(),
+        size_on_disk_bytes: dir_size(&m.md.dir),
+        layers: cfg.num_hidden_layers,
+        hidden: cfg.hidden_size,
+        vocab_size: cfg.vocab_size,
+        perplexity: a.perplexity(),
+        cross_entropy: a.mean_ce(),
+        bits_per_byte: a.ce / std::f64::consts::LN_2 / bytes.max(1) as f64,
+        tokens: a.tokens,
+        kl_to_teacher: rel.then(|| a.kl / a.compared.max(1) as f64),
+        top1_agreement: frac(a.top1),
+        top5_agreement: frac(a.top5),
+        ece: a.ece(),
+        prefill_tokens_per_second: speed.map(|s| s.0),
+        decode_tokens_per_second: speed.map(|s| s.1),
+        speedup: match (speed, teacher_prefill) {
+            (Some(s), Some(t)) => Some(s.0 / t),
+            _ => None,
+        },
+        step: checkpoint_step(&m.md.dir),
+        note: (!m.same_tokenizer).then(|| {
+            "another tokenizer than the teacher's: perplexity is per its own tokens on the \
+             same text (compare bits per byte); no teacher-relative metrics"
+                .to_string()
+        }),
     }
-    Ok(Report {
-        tokens_dir: tokens_dir.to_path_buf(),
-        split: opts.split.clone(),
-        tokens: teacher.acc.tokens,
-        bytes,
-        device: distill_core::device::device_name(device),
-        threads: distill_core::device::cpu_threads(),
-        models: out,
-        generations,
-    })
 }

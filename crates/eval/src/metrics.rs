@@ -87,7 +87,7 @@ pub fn summarize(row: &[f32]) -> RowSummary {
     let mut ids = [0u32; 5];
     let mut lps = [0f32; 5];
     let k = row.len().min(5);
-    let lse = distill_core::cache::row_topk(row, &mut ids[..k], &mut lps[..k]);
+    let lse = distill_core::logits::row_topk(row, &mut ids[..k], &mut lps[..k]);
     RowSummary {
         lse,
         argmax: ids[0],

@@ -2,7 +2,8 @@
 //! generations), `report.json` (the same numbers), and PNG plots drawn with plotters.
 
 use crate::Report;
-use distill_core::error::write_atomic;
+use distill_core::fsio::write_atomic;
+use distill_core::run_dir::Record;
 use distill_core::{Error, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -214,20 +215,21 @@ pub fn plot_lines(
 /// A run's metrics.jsonl as (train loss by step, eval CE by step, eval KL by step).
 #[allow(clippy::type_complexity)]
 pub fn run_curves(run: &Path) -> Option<(Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>)> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
+    let run = distill_core::run_dir::RunDir::new(run);
+    if !run.metrics_path().exists() {
+        return None;
+    }
+    let records = run.records().ok()?;
     let (mut train, mut ce, mut kl) = (Vec::new(), Vec::new(), Vec::new());
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let step = v["step"].as_f64().unwrap_or(0.0);
-        match v["type"].as_str() {
-            Some("train") => train.extend(v["loss"].as_f64().map(|l| (step, l))),
-            Some("eval") => {
-                ce.extend(v["ce"].as_f64().map(|l| (step, l)));
-                kl.extend(v["kl_to_teacher"].as_f64().map(|l| (step, l)));
+    for r in records {
+        match r {
+            Record::Train(m) => train.push((m.step as f64, m.loss as f64)),
+            Record::Eval(m) => {
+                ce.push((m.step as f64, m.ce));
+                if m.kl_to_teacher.is_finite() {
+                    kl.push((m.step as f64, m.kl_to_teacher));
+                }
             }
-            _ => {}
         }
     }
     Some((train, ce, kl))

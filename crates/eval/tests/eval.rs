@@ -109,16 +109,36 @@ fn report_files_exist_and_parse_and_checkpoints_are_plotted() {
             std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
         }
     }
-    let mut lines = Vec::new();
-    for s in 1..=20 {
-        lines.push(format!(
-            "{{\"type\":\"train\",\"step\":{s},\"loss\":{}}}",
-            5.0 - s as f64 * 0.1
-        ));
+    // The run's metrics, written by their owner as the trainer writes them.
+    use distill_core::run_dir::{EvalMetrics, Record, RunDir, StepMetrics};
+    let mut w = RunDir::new(&run).record_writer().unwrap();
+    for s in 1..=20u64 {
+        let loss = 5.0 - s as f32 * 0.1;
+        w.write(&Record::Train(StepMetrics {
+            step: s,
+            tokens: s * 64,
+            loss,
+            kd: loss,
+            ce: loss,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_second: 100.0,
+            elapsed: s as f64,
+        }))
+        .unwrap();
     }
-    lines.push("{\"type\":\"eval\",\"step\":10,\"ce\":4.2,\"kl_to_teacher\":1.5}".into());
-    lines.push("{\"type\":\"eval\",\"step\":20,\"ce\":3.9,\"kl_to_teacher\":1.2}".into());
-    std::fs::write(run.join("metrics.jsonl"), lines.join("\n")).unwrap();
+    for (step, ce, kl) in [(10, 4.2, 1.5), (20, 3.9, 1.2)] {
+        w.write(&Record::Eval(EvalMetrics {
+            step,
+            tokens: step * 64,
+            ce,
+            perplexity: f64::exp(ce),
+            kl_to_teacher: kl,
+            eval_tokens: 64,
+        }))
+        .unwrap();
+    }
+    drop(w);
 
     let students = vec![run.join("step-10"), run.join("step-20")];
     let r = evaluate(

@@ -14,9 +14,9 @@ pub use search::{LayerRanking, Target};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use distill_core::error::write_atomic;
+use distill_core::fsio::write_atomic;
 use distill_core::shards::TokenShards;
-use distill_core::{CausalLm, Config, Error, Result, Tokenizer};
+use distill_core::{CausalLm, Config, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -109,7 +109,7 @@ pub struct PruneReport {
 impl PruneReport {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(REPORT_JSON);
-        let text = distill_core::error::read_text(&path)?;
+        let text = distill_core::fsio::read_text(&path)?;
         serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
     }
 
@@ -196,8 +196,12 @@ pub fn model_from_tensors(
 pub fn prune(opts: &PruneOptions, progress: &mut dyn FnMut(String)) -> Result<PruneReport> {
     let start = std::time::Instant::now();
     let tdir = &opts.teacher;
-    let (teacher, cfg) = distill_core::load_model(tdir, &opts.device)?;
-    let tokenizer = Tokenizer::from_dir(tdir)?;
+    let distill_core::ModelDir {
+        model: teacher,
+        config: cfg,
+        tokenizer,
+        ..
+    } = distill_core::ModelDir::load(tdir, &opts.device)?;
     let target = opts.target.resolve(&cfg)?;
     let proposals = search::proposals(&cfg, &target)?;
     let shards = TokenShards::open(&opts.tokens, "train")?;

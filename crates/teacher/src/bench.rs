@@ -1,5 +1,6 @@
-//! `distill bench teacher`: full-sequence (all-position logits) throughput at batch × seq_len, and
-//! greedy decode throughput at batch 1 with the KV cache. Not part of the test suite.
+//! `distill bench teacher` (any model dir: the teacher or a student): full-sequence (all-position
+//! logits) throughput at batch × seq_len, and greedy decode throughput at batch 1 with the KV
+//! cache. Not part of the test suite.
 
 use candle_core::Tensor;
 use distill_core::{CausalLm, KvCache, Result};
@@ -7,7 +8,7 @@ use serde::Serialize;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct TeacherBench {
+pub struct ModelBench {
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
     pub batch: usize,
@@ -20,13 +21,13 @@ pub struct TeacherBench {
 
 /// Times `iters` full-sequence forwards of (batch, seq_len) random ids after one warm-up, then
 /// `decode_tokens` single-token steps after a 16-token prompt.
-pub fn bench_teacher(
+pub fn bench_model(
     model: &CausalLm,
     batch: usize,
     seq_len: usize,
     iters: usize,
     decode_tokens: usize,
-) -> Result<TeacherBench> {
+) -> Result<ModelBench> {
     let device = model.device();
     let vocab = model.config().vocab_size as u32;
     // Deterministic pseudo-random ids (a small LCG; the values only need to be valid tokens).
@@ -61,7 +62,7 @@ pub fn bench_teacher(
         next = logits.argmax(1)?.to_vec1::<u32>()?[0];
     }
     let decode = decode_tokens as f64 / start.elapsed().as_secs_f64();
-    Ok(TeacherBench {
+    Ok(ModelBench {
         prefill_tokens_per_second: prefill,
         decode_tokens_per_second: decode,
         batch,
@@ -94,7 +95,7 @@ pub struct CacheBench {
 /// sequences of the train split. The forward is timed after a warm-up; the cache is built for
 /// real (in a temporary dir, removed afterwards) with one shard.
 pub fn bench_cache(
-    teacher: &crate::Teacher,
+    teacher: &distill_core::ModelDir,
     teacher_hash: &str,
     tokens_dir: &std::path::Path,
     batch: usize,

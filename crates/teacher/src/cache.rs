@@ -3,16 +3,17 @@
 //! `part = [I, N]` (every N-th shard), and reproducible: the same settings write byte-identical
 //! shards.
 
-use crate::Teacher;
 use candle_core::{DType, Tensor};
 use distill_core::cache::{
-    encode_shard, manifest_name, plan, row_topk, tokens_hash, CacheDType, CacheManifest,
-    CacheSettings, CacheShardMeta, PlannedShard, TeacherTargets, CACHE_FORMAT_VERSION,
+    encode_shard, manifest_name, plan, tokens_hash, CacheDType, CacheManifest, CacheSettings,
+    CacheShardMeta, PlannedShard, TeacherTargets, CACHE_FORMAT_VERSION,
 };
+use distill_core::logits::row_topk;
 use distill_core::shards::{TokenShards, TokenShardsMeta};
+use distill_core::ModelDir;
 use distill_core::{CausalLm, Error, Result};
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -121,7 +122,7 @@ pub fn live_sparse_targets(model: &CausalLm, ids: &Tensor, k: usize) -> Result<T
 /// The settings a run of `opts` over `tokens` with this teacher produces.
 pub fn settings_for(
     teacher_hash: &str,
-    teacher: &Teacher,
+    teacher: &ModelDir,
     tokens: &TokenShardsMeta,
     opts: &CacheOptions,
 ) -> CacheSettings {
@@ -143,7 +144,7 @@ pub fn settings_for(
 /// Builds (or continues) this part of a cache in `out`. `progress(done, total)` is called with
 /// token counts of this part. Returns what was done.
 pub fn build_cache(
-    teacher: &Teacher,
+    teacher: &ModelDir,
     teacher_hash: &str,
     tokens_dir: &Path,
     out: &Path,
@@ -249,12 +250,12 @@ pub fn build_cache(
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        distill_core::error::write_atomic(&path, &bytes)?;
+        distill_core::fsio::write_atomic(&path, &bytes)?;
         manifest.shards.retain(|s| s.shard.file != p.file);
         manifest.shards.push(CacheShardMeta {
             shard: p.clone(),
             bytes: bytes.len() as u64,
-            sha256: distill_core::tokenizer::hex(&Sha256::digest(&bytes)),
+            sha256: distill_core::digest::sha256_hex(&bytes),
         });
         manifest.write(out)?;
         written += 1;

@@ -6,14 +6,14 @@ use distill_core::cache::{CacheDType, CacheExpect, TeacherCache, TeacherTargets}
 use distill_core::shards::{TokenShards, TokenShardsMeta};
 use distill_core::testing::{tiny_config, write_tiny_model_dir, write_tiny_tokens};
 use distill_core::weights::model_hash;
+use distill_core::ModelDir;
 use distill_teacher::cache::{build_cache, merge_cache, CacheOptions};
-use distill_teacher::Teacher;
 use std::path::{Path, PathBuf};
 
 struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
-    teacher: Teacher,
+    teacher: ModelDir,
     hash: String,
     tokens: PathBuf,
     meta: TokenShardsMeta,
@@ -26,7 +26,7 @@ fn fixture() -> Fixture {
     let tokens = root.join("tokens");
     // 16-token sequences, 5 per token shard: several token shards, each cut into cache shards.
     let meta = write_tiny_tokens(&tokens, 4, 16, 5, 3).unwrap();
-    let teacher = Teacher::load(&root.join("teacher"), &Device::Cpu).unwrap();
+    let teacher = ModelDir::load(&root.join("teacher"), &Device::Cpu).unwrap();
     let hash = model_hash(&root.join("teacher")).unwrap();
     Fixture {
         _dir: dir,

@@ -4,16 +4,16 @@ mod common;
 
 use candle_core::{Device, Tensor, D};
 use distill_core::gguf::Gguf;
+use distill_core::ModelDir;
 use distill_core::{ChatMessage, Tokenizer};
 use distill_teacher::generate::{generate, SamplingParams};
-use distill_teacher::Teacher;
 
 #[test]
 fn chat_answer_to_capital_of_france_contains_paris() {
     let Some(dir) = common::teacher_dir() else {
         return;
     };
-    let t = Teacher::load(&dir, &Device::Cpu).unwrap();
+    let t = ModelDir::load(&dir, &Device::Cpu).unwrap();
     let prompt = t
         .tokenizer
         .apply_chat_template(
@@ -39,7 +39,7 @@ fn perplexity_on_committed_paragraph_is_below_40() {
     let Some(dir) = common::teacher_dir() else {
         return;
     };
-    let t = Teacher::load(&dir, &Device::Cpu).unwrap();
+    let t = ModelDir::load(&dir, &Device::Cpu).unwrap();
     let text = std::fs::read_to_string(common::workspace_root().join("data/sample/paragraph.txt"))
         .unwrap();
     let ids = t.tokenizer.encode(text.trim(), false).unwrap();
@@ -134,7 +134,7 @@ fn cache_on_the_real_teacher_matches_its_forward() {
     let Some(dir) = common::teacher_dir() else {
         return;
     };
-    let teacher = Teacher::load(&dir, &Device::Cpu).unwrap();
+    let teacher = ModelDir::load(&dir, &Device::Cpu).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tmp.path().join("tokens");
     let sample = common::workspace_root().join("data/sample/paragraph.txt");

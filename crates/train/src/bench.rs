@@ -98,7 +98,7 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         let k = o.top_k;
         let (mut kid, mut klp, mut lse) = (vec![0u32; b * t * k], vec![0f32; b * t * k], vec![]);
         for r in 0..b * t {
-            lse.push(distill_core::cache::row_topk(
+            lse.push(distill_core::logits::row_topk(
                 &teacher_logits[r * v..(r + 1) * v],
                 &mut kid[r * k..(r + 1) * k],
                 &mut klp[r * k..(r + 1) * k],

@@ -2,7 +2,8 @@
 //! refused, naming the key; the resolved config is written into the run dir.
 
 use crate::loss::{KdKind, LossConfig};
-use distill_core::error::{read_text, FileContext};
+use distill_core::error::FileContext;
+use distill_core::fsio::read_text;
 use distill_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

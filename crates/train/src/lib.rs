@@ -3,8 +3,10 @@
 //! checkpoints and exact resume.
 
 pub mod bench;
+mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod optim;
+mod setup;
 pub mod student;
 pub mod trainer;

@@ -121,7 +121,7 @@ fn inputs() -> (Vec<f32>, Vec<f32>, Vec<u32>) {
 fn sparse_targets(t: &[f32], rows: usize, v: usize, k: usize, dev: &Device) -> TeacherTargets {
     let (mut ids, mut lps, mut lses) = (vec![0u32; rows * k], vec![0f32; rows * k], vec![]);
     for r in 0..rows {
-        let lse = distill_core::cache::row_topk(
+        let lse = distill_core::logits::row_topk(
             &t[r * v..(r + 1) * v],
             &mut ids[r * k..(r + 1) * k],
             &mut lps[r * k..(r + 1) * k],

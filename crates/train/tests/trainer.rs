@@ -19,7 +19,7 @@ fn fixture(with_cache: bool) -> Fixture {
     write_tiny_model_dir(&root.join("teacher"), &tiny_config(), 11).unwrap();
     write_tiny_tokens(&root.join("tokens"), 8, 32, 16, 5).unwrap();
     if with_cache {
-        let teacher = distill_teacher::Teacher::load(&root.join("teacher"), &Device::Cpu).unwrap();
+        let teacher = distill_core::ModelDir::load(&root.join("teacher"), &Device::Cpu).unwrap();
         let hash = distill_core::weights::model_hash(&root.join("teacher")).unwrap();
         let opts = CacheOptions {
             top_k: 16,
@@ -283,7 +283,8 @@ fn checkpoints_keep_the_last_k_and_the_best() {
         None,
     )
     .unwrap();
-    let steps: Vec<u64> = distill_train::trainer::checkpoints(&out)
+    let steps: Vec<u64> = distill_core::run_dir::RunDir::new(&out)
+        .checkpoints()
         .into_iter()
         .map(|c| c.0)
         .collect();
@@ -319,7 +320,11 @@ fn guards_refuse_what_they_should() {
         err.contains("step ") && err.contains("non-finite") && err.contains("last good checkpoint"),
         "{err}"
     );
-    let last = distill_train::trainer::checkpoints(&out).pop().unwrap().1;
+    let last = distill_core::run_dir::RunDir::new(&out)
+        .checkpoints()
+        .pop()
+        .unwrap()
+        .1;
     distill_core::load_model(&last, &Device::Cpu).unwrap();
 
     // Vocabularies: padding is accepted, anything else refused naming both.
@@ -401,7 +406,7 @@ fn config_with_an_unknown_key_is_refused_naming_it() {
 #[test]
 fn a_cache_without_the_valid_split_evaluates_with_the_live_teacher() {
     let f = fixture(false);
-    let teacher = distill_teacher::Teacher::load(&f.root.join("teacher"), &Device::Cpu).unwrap();
+    let teacher = distill_core::ModelDir::load(&f.root.join("teacher"), &Device::Cpu).unwrap();
     let hash = distill_core::weights::model_hash(&f.root.join("teacher")).unwrap();
     let opts = CacheOptions {
         top_k: 16,

@@ -1,0 +1,324 @@
+//! What a run is set up with before its first step: the teacher's targets (a cache, a live
+//! teacher, or the data's own next tokens), the token shards and their checks, the loss, the
+//! memory plan — and the batches, labels and validation pass the loop draws from them.
+
+use crate::config::RunConfig;
+use crate::loss::{distill_loss, next_token_labels, KdKind, LossConfig};
+use candle_core::{DType, Device, Tensor};
+use distill_core::cache::{CacheExpect, TeacherCache};
+use distill_core::run_dir::EvalMetrics;
+use distill_core::shards::TokenShards;
+use distill_core::{CausalLm, Config, Error, ModelDir, Result, TeacherTargets, Tokenizer};
+use serde::Serialize;
+
+/// The memory a run needs, estimated before step 1.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    pub grads: u64,
+    pub adamw: u64,
+    pub activations: u64,
+    pub logits: u64,
+    pub teacher: u64,
+    pub total: u64,
+    pub available: Option<u64>,
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |b: u64| format!("{:.0} MB", b as f64 / 1e6);
+        write!(
+            f,
+            "memory plan: weights {}, grads {}, AdamW {}, activations {}, logits {}, teacher {} = {}",
+            mb(self.weights),
+            mb(self.grads),
+            mb(self.adamw),
+            mb(self.activations),
+            mb(self.logits),
+            mb(self.teacher),
+            mb(self.total)
+        )?;
+        if let Some(a) = self.available {
+            write!(f, " (available {})", mb(a))?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) enum Targets {
+    Cache(TeacherCache),
+    Live {
+        model: CausalLm,
+        top_k: usize,
+    },
+    /// No teacher model: `alpha_kd = 0` without a cache, i.e. learning from text alone — plain
+    /// cross-entropy, or sequence-level distillation when the text is a teacher's answers. The
+    /// data's own next tokens stand in as one-hot targets (KL to them is the cross-entropy).
+    OneHot,
+}
+
+pub(crate) struct Setup {
+    pub(crate) cfg: RunConfig,
+    pub(crate) device: Device,
+    pub(crate) teacher_cfg: Config,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) train: TokenShards,
+    pub(crate) valid: Option<TokenShards>,
+    pub(crate) targets: Targets,
+    /// A live teacher for evaluation when the cache does not cover the validation split.
+    pub(crate) eval_teacher: Option<CausalLm>,
+    /// Sequences of the train split that can be used (a cache may cover a prefix).
+    pub(crate) train_limit: usize,
+    pub(crate) loss: LossConfig,
+}
+
+pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
+    let device = distill_core::parse_device(&cfg.train.device)?;
+    let tdir = &cfg.teacher.model;
+    if !tdir.is_dir() {
+        return Err(Error::file(tdir, "teacher model dir does not exist"));
+    }
+    let teacher_cfg = Config::from_file(tdir.join("config.json"))?;
+    let tokenizer = Tokenizer::from_dir(tdir)?;
+    let train = TokenShards::open(&cfg.data.tokens, "train")?;
+    train
+        .meta
+        .check_tokenizer(&cfg.data.tokens, &tokenizer, tdir)?;
+    let valid = match train.meta.splits.get("valid") {
+        Some(s) if s.sequences > 0 => Some(TokenShards::open(&cfg.data.tokens, "valid")?),
+        _ => None,
+    };
+    let has_weights = distill_core::weights::safetensors_files(tdir).is_ok_and(|f| !f.is_empty());
+    let (targets, teacher_vocab) = match &cfg.data.cache {
+        Some(dir) => {
+            // The teacher's weights hash, when the dir has weights (a black-box run's teacher
+            // dir may hold only config.json and the tokenizer).
+            let expect = CacheExpect {
+                teacher_hash: if has_weights {
+                    Some(distill_core::weights::model_hash(tdir)?)
+                } else {
+                    None
+                },
+                tokenizer_hash: Some(tokenizer.hash()),
+                tokens_hash: None,
+            };
+            let cache = TeacherCache::open(dir, &train.meta, &expect)?;
+            let v = cache.settings().vocab_size;
+            (Targets::Cache(cache), v)
+        }
+        None if cfg.loss.alpha_kd == 0.0 => (Targets::OneHot, teacher_cfg.vocab_size),
+        None => {
+            let model = ModelDir::load(tdir, &device)?.model;
+            (
+                Targets::Live {
+                    model,
+                    top_k: cfg.teacher.top_k,
+                },
+                teacher_cfg.vocab_size,
+            )
+        }
+    };
+    let train_limit = match &targets {
+        Targets::Cache(c) => c.sequences("train"),
+        Targets::Live { .. } | Targets::OneHot => train.len(),
+    };
+    if train_limit == 0 {
+        return Err(Error::Msg(
+            "the teacher cache holds no train sequences".into(),
+        ));
+    }
+    let loss = cfg.loss.to_config(Some(teacher_vocab))?;
+    let eval_teacher = match (&targets, &valid) {
+        (Targets::Cache(c), Some(_))
+            if cfg.train.eval_every > 0
+                && c.sequences("valid") < cfg.train.eval_sequences
+                && has_weights =>
+        {
+            Some(ModelDir::load(tdir, &device)?.model)
+        }
+        _ => None,
+    };
+    Ok(Setup {
+        eval_teacher,
+        cfg,
+        device,
+        teacher_cfg,
+        tokenizer,
+        train,
+        valid,
+        targets,
+        train_limit,
+        loss,
+    })
+}
+
+/// Student and teacher vocabularies: equal, or differing only by padding (both cover the
+/// tokenizer); anything else is refused naming both.
+pub fn check_vocab(student: usize, teacher: usize, tokenizer: usize) -> Result<()> {
+    if student == teacher || (student >= tokenizer && teacher >= tokenizer) {
+        return Ok(());
+    }
+    Err(Error::Msg(format!(
+        "student vocabulary ({student}) and teacher vocabulary ({teacher}) differ by more than \
+         padding (the tokenizer has {tokenizer} tokens)"
+    )))
+}
+
+impl Setup {
+    pub(crate) fn targets(
+        &self,
+        split: &str,
+        seqs: &[usize],
+        ids: &Tensor,
+    ) -> Result<TeacherTargets> {
+        match &self.targets {
+            Targets::Cache(c) => c.targets(split, seqs, &self.device),
+            Targets::Live { model, top_k: 0 } => Ok(TeacherTargets::Dense {
+                logits: model.forward(ids)?,
+            }),
+            Targets::Live { model, top_k } => {
+                distill_teacher::cache::live_sparse_targets(model, ids, *top_k)
+            }
+            Targets::OneHot => {
+                let (b, t) = ids.dims2()?;
+                let v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let next = next_token_labels(&v, b, t)
+                    .into_iter()
+                    .map(|l| if l == crate::loss::IGNORE { 0 } else { l })
+                    .collect();
+                Ok(TeacherTargets::Sparse {
+                    ids: Tensor::from_vec(next, (b, t, 1), &self.device)?,
+                    logprobs: Tensor::zeros((b, t, 1), DType::F32, &self.device)?,
+                    logsumexp: Tensor::zeros((b, t), DType::F32, &self.device)?,
+                })
+            }
+        }
+    }
+
+    /// Next-token labels of a batch, [`IGNORE`](crate::loss::IGNORE) where the next token is not
+    /// a training target (the split's target mask, e.g. prompt and padding positions).
+    pub(crate) fn labels(&self, shards: &TokenShards, seqs: &[usize], ids: &[u32]) -> Vec<u32> {
+        let t = shards.seq_len();
+        let mut labels = next_token_labels(ids, seqs.len(), t);
+        for (b, &seq) in seqs.iter().enumerate() {
+            if let Some(mask) = shards.target_mask(seq) {
+                for i in 0..t - 1 {
+                    if mask[i + 1] == 0 {
+                        labels[b * t + i] = crate::loss::IGNORE;
+                    }
+                }
+            }
+        }
+        labels
+    }
+
+    pub(crate) fn batch(&self, shards: &TokenShards, seqs: &[usize]) -> Result<(Vec<u32>, Tensor)> {
+        let t = shards.seq_len();
+        let ids: Vec<u32> = seqs.iter().flat_map(|&i| shards.sequence(i)).collect();
+        let tensor = Tensor::from_vec(ids.clone(), (seqs.len(), t), &self.device)?;
+        Ok((ids, tensor))
+    }
+
+    pub(crate) fn memory_plan(&self, student: &Config) -> MemoryPlan {
+        let p = student.num_params() as u64;
+        let t = &self.cfg.train;
+        let rows = (t.batch_size * self.train.seq_len()) as u64;
+        let (h, ff, l) = (
+            student.hidden_size as u64,
+            student.intermediate_size as u64,
+            student.num_hidden_layers as u64,
+        );
+        let heads = student.num_attention_heads as u64;
+        let seq = self.train.seq_len() as u64;
+        // Per layer and position, kept for backward: ~12 hidden-sized tensors (norms, q/k/v/o,
+        // residuals), 4 intermediate-sized (gate, up, act, product), attention scores and probs.
+        let per_layer =
+            rows * (12 * h + 4 * ff) * 4 + t.batch_size as u64 * heads * seq * seq * 4 * 3;
+        let v = student.vocab_size as u64;
+        // Student logits, their gradient, the logits' temporaries in backward; dense teacher
+        // logits when the teacher runs online.
+        let dense_teacher = matches!(self.targets, Targets::Live { top_k: 0, .. });
+        let logits = rows * v * 4 * (3 + dense_teacher as u64);
+        let teacher = match &self.targets {
+            Targets::Live { model, .. } => {
+                let c = model.config();
+                c.num_params() as u64 * 4
+                    + rows * (c.hidden_size as u64 * 8 + c.intermediate_size as u64 * 4) * 4
+            }
+            Targets::Cache(_) | Targets::OneHot => 0,
+        };
+        let weights = p * 4;
+        let total = weights * 4 + per_layer * l + logits + teacher;
+        MemoryPlan {
+            weights,
+            grads: weights,
+            adamw: weights * 2,
+            activations: per_layer * l,
+            logits,
+            teacher,
+            total,
+            available: distill_core::device::available_memory_bytes(),
+        }
+    }
+
+    /// CE and KL(teacher‖student) at τ = 1 over the first `eval_sequences` validation sequences
+    /// (those the targets cover).
+    pub(crate) fn evaluate(
+        &self,
+        student: &CausalLm,
+        step: u64,
+        tokens: u64,
+    ) -> Result<Option<EvalMetrics>> {
+        let Some(valid) = &self.valid else {
+            return Ok(None);
+        };
+        let covered = match (&self.targets, &self.eval_teacher) {
+            (_, Some(_)) | (Targets::Live { .. } | Targets::OneHot, _) => valid.len(),
+            (Targets::Cache(c), None) => c.sequences("valid"),
+        };
+        let n = self.cfg.train.eval_sequences.min(covered);
+        if n == 0 {
+            return Ok(None);
+        }
+        let cfg = LossConfig {
+            kind: KdKind::ForwardKl,
+            temperature: 1.0,
+            alpha_kd: 1.0,
+            alpha_ce: 1.0,
+            ..self.loss
+        };
+        let (mut ce, mut kl, mut count) = (0f64, 0f64, 0usize);
+        let b = self.cfg.train.batch_size;
+        for start in (0..n).step_by(b) {
+            let seqs: Vec<usize> = (start..(start + b).min(n)).collect();
+            let (ids, input) = self.batch(valid, &seqs)?;
+            let targets = match &self.eval_teacher {
+                Some(t) => TeacherTargets::Dense {
+                    logits: t.forward(&input)?,
+                },
+                None => self.targets("valid", &seqs, &input)?,
+            };
+            let logits = student.forward(&input)?.detach();
+            let labels = self.labels(valid, &seqs, &ids);
+            let parts = distill_loss(&logits, &targets, &labels, &cfg)?;
+            ce += parts.ce as f64 * parts.tokens as f64;
+            kl += parts.kd as f64 * parts.tokens as f64;
+            count += parts.tokens;
+        }
+        let c = count.max(1) as f64;
+        Ok(Some(EvalMetrics {
+            step,
+            tokens,
+            ce: ce / c,
+            perplexity: (ce / c).exp(),
+            // Without a teacher (one-hot targets) there is no KL to report: NaN, written as null.
+            kl_to_teacher: if matches!(self.targets, Targets::OneHot) && self.eval_teacher.is_none()
+            {
+                f64::NAN
+            } else {
+                kl / c
+            },
+            eval_tokens: count,
+        }))
+    }
+}
