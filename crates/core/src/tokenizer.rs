@@ -323,7 +323,11 @@ impl Tokenizer {
             "added_tokens_decoder": added,
             "clean_up_tokenization_spaces": false,
             "model_max_length": 8192,
-            "tokenizer_class": "GPT2Tokenizer",
+            // The class that loads tokenizer.json as written. "GPT2Tokenizer" makes transformers
+            // rebuild a GPT-2 tokenizer from the vocab and merges with GPT-2's own pre-tokenizer,
+            // which splits "\n\n" into two tokens where SmolLM2's tokenizer.json keeps one
+            // (transformers 5.24: `"Wetlands\n\n27"` → 198, 198 instead of 1116).
+            "tokenizer_class": "PreTrainedTokenizerFast",
         });
         let obj = cfg
             .as_object_mut()
