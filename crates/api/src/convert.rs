@@ -222,10 +222,7 @@ pub fn prepare_collected(opts: &PrepareCollectedOptions) -> Result<PrepareCollec
     summary.sequences = samples.len();
 
     // Write into a temporary dir, renamed into place when complete.
-    let tmp = distill_core::fsio::tmp_name(&opts.out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
+    let tmp = distill_core::fsio::fresh_tmp_dir(&opts.out)?;
     let tokens_dir = tmp.join("tokens");
     std::fs::create_dir_all(&tokens_dir).map_err(|e| Error::io(&tokens_dir, e))?;
     let mut writer = SplitWriter::new(&tokens_dir, "train", opts.seq_len, opts.shard_sequences);
@@ -320,7 +317,7 @@ pub fn prepare_collected(opts: &PrepareCollectedOptions) -> Result<PrepareCollec
         manifest.write(&cache_dir)?;
         summary.cache = Some((opts.out.join("cache"), k));
     }
-    std::fs::rename(&tmp, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    distill_core::fsio::replace_dir(&tmp, &opts.out)?;
     summary.tokens_dir = opts.out.join("tokens");
     Ok(summary)
 }

@@ -58,12 +58,10 @@ pub fn tmp_name(path: &Path) -> PathBuf {
 }
 
 /// Replaces the directory `dir` by `tmp` (a complete new one, usually `tmp_name(dir)`): the old
-/// content moves aside first and is removed only once the new one is in place, so a crash leaves
-/// either the old dir or the new one under `dir`, never a half-written one.
+/// content moves aside to `.NAME.old` first and is removed only once the new one is in place. A
+/// crash never leaves a half-written dir under `dir`: there is the old one, the new one, or (between
+/// the two renames) nothing, with the old one intact as `.NAME.old` beside it.
 pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        return std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e));
-    }
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -71,6 +69,9 @@ pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     let old = dir.with_file_name(format!(".{name}.old"));
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    if !dir.exists() {
+        return std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e));
     }
     std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
     std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;

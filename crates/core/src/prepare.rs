@@ -209,11 +209,7 @@ pub fn prepare(
             )
         })?;
 
-    let tmp = crate::fsio::tmp_name(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let tmp = crate::fsio::fresh_tmp_dir(out)?;
     let meta = match write_shards(tokenizer, &files, &tmp, eos, hash, opts, &mut progress) {
         Ok(meta) => meta,
         Err(e) => {
@@ -222,10 +218,7 @@ pub fn prepare(
             return Err(e);
         }
     };
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    crate::fsio::replace_dir(&tmp, out)?;
     Ok(meta)
 }
 

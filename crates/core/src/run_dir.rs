@@ -48,6 +48,7 @@ pub struct StepMetrics {
     pub ce: f32,
     pub lr: f64,
     pub grad_norm: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub tokens_per_second: f64,
     pub elapsed: f64,
 }
@@ -58,7 +59,10 @@ pub struct EvalMetrics {
     pub step: u64,
     pub tokens: u64,
     /// Mean next-token cross-entropy (nats) on the validation sequences.
+    #[serde(deserialize_with = "nan_if_null")]
     pub ce: f64,
+    /// exp(ce): infinite (written as null, read back as NaN) for a diverged student.
+    #[serde(deserialize_with = "nan_if_null")]
     pub perplexity: f64,
     /// Mean KL(teacher‖student) at temperature 1 (nats per token); NaN (written as null) when the
     /// run has no teacher.
@@ -196,10 +200,14 @@ impl RunDir {
             if line.trim().is_empty() {
                 continue;
             }
-            let r: Record = serde_json::from_str(line).map_err(|e| {
+            #[derive(Deserialize)]
+            struct Step {
+                step: u64,
+            }
+            let r: Step = serde_json::from_str(line).map_err(|e| {
                 Error::file(&path, format!("line {}: not a metrics record: {e}", i + 1))
             })?;
-            if r.step() <= step {
+            if r.step <= step {
                 kept.push_str(line);
                 kept.push('\n');
             }
@@ -296,6 +304,21 @@ mod tests {
         assert!(line.contains("\"kl_to_teacher\":null"), "{line}");
         match serde_json::from_str::<Record>(&line).unwrap() {
             Record::Eval(m) => assert!(m.kl_to_teacher.is_nan()),
+            r => panic!("{r:?}"),
+        }
+        // A diverged student: exp(ce) overflows, is written as null and still reads back.
+        let diverged = Record::Eval(EvalMetrics {
+            step: 4,
+            tokens: 128,
+            ce: 800.0,
+            perplexity: f64::INFINITY,
+            kl_to_teacher: 700.0,
+            eval_tokens: 10,
+        });
+        let line = record_line(&diverged);
+        assert!(line.contains("\"perplexity\":null"), "{line}");
+        match serde_json::from_str::<Record>(&line).unwrap() {
+            Record::Eval(m) => assert!(m.perplexity.is_nan() && m.ce == 800.0),
             r => panic!("{r:?}"),
         }
     }

@@ -151,7 +151,7 @@ pub fn evaluate(
     for s in students {
         models.push(load(s, device, Some(&teacher.md.tokenizer))?);
     }
-    if shards.is_empty() {
+    if shards.is_empty() || shards.seq_len() < 2 {
         return Err(Error::file(
             tokens_dir,
             format!("split '{}' holds no sequences", opts.split),

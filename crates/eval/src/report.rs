@@ -217,7 +217,7 @@ pub fn plot_lines(
 pub fn run_curves(run: &Path) -> Option<(Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<(f64, f64)>)> {
     let run = distill_core::run_dir::RunDir::new(run);
     if !run.metrics_path().exists() {
-        return None;
+        return None; // no plot for a dir without metrics (an empty file still gets one)
     }
     let records = run.records().ok()?;
     let (mut train, mut ce, mut kl) = (Vec::new(), Vec::new(), Vec::new());

@@ -108,6 +108,7 @@ struct StepLoss {
     kd: f32,
     ce: f32,
     norm: f64,
+    lr: f64,
     tokens: u64,
 }
 
@@ -163,15 +164,14 @@ fn optimizer_step(
         )));
     }
     clip_grads(&mut grads, norm, t.grad_clip)?;
-    opt.step(
-        &grads,
-        lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps),
-    )?;
+    let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
+    opt.step(&grads, lr)?;
     Ok(StepLoss {
         loss,
         kd,
         ce,
         norm,
+        lr,
         tokens,
     })
 }
@@ -272,7 +272,7 @@ pub fn train(
             loss: l.loss,
             kd: l.kd,
             ce: l.ce,
-            lr: lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps),
+            lr: l.lr,
             grad_norm: l.norm,
             tokens_per_second: window_tokens as f64 / window_start.elapsed().as_secs_f64(),
             elapsed: state.elapsed_seconds,
@@ -323,6 +323,6 @@ pub fn train(
 /// Reads a run's config back (for `--resume`).
 pub fn run_config(run: &Path) -> Result<RunConfig> {
     let run = RunDir::new(run);
-    run.config_text()?;
+    run.config_text()?; // refuses a dir that is not a run, naming it
     RunConfig::load(&run.config_path(), &[])
 }
