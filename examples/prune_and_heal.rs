@@ -41,7 +41,7 @@ fn main() -> Result<()> {
             out: pruned.to_path_buf(),
             target: TargetSpec::Params(target),
             calib_sequences: 8,
-            kl_sequences: 4,
+            kl_sequences: 2,
             batch_size: 2,
             device: device.clone(),
         },
