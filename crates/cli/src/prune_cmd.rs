@@ -38,8 +38,8 @@ pub struct PruneArgs {
     /// Calibration sequences for the activation statistics.
     #[arg(long, default_value_t = 8)]
     calib_sequences: usize,
-    /// Of those, how many every KL (drop-one per layer, each candidate) is measured on (4 picked
-    /// the same cut for the quickstart's 60% target as 2, in 140 s instead of 76).
+    /// Of those, how many every KL (drop-one per layer, each candidate) is measured on; more
+    /// give a steadier choice and a longer prune.
     #[arg(long, default_value_t = 2)]
     kl_sequences: usize,
     #[arg(long, default_value_t = 2)]

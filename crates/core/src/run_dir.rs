@@ -123,8 +123,8 @@ impl RunDir {
         self.root.join(FINAL_DIR)
     }
 
-    /// The run's config as TOML text, refusing a dir that is not a run.
-    pub fn config_text(&self) -> Result<String> {
+    /// The path of the run's config, refusing a dir that is not a run.
+    pub fn existing_config(&self) -> Result<PathBuf> {
         let path = self.config_path();
         if !path.exists() {
             return Err(Error::file(
@@ -132,7 +132,12 @@ impl RunDir {
                 format!("not a run dir (no {CONFIG_FILE})"),
             ));
         }
-        read_text(&path)
+        Ok(path)
+    }
+
+    /// The run's config as TOML text, refusing a dir that is not a run.
+    pub fn config_text(&self) -> Result<String> {
+        read_text(self.existing_config()?)
     }
 
     pub fn write_config(&self, toml: &str) -> Result<()> {

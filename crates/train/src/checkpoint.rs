@@ -78,3 +78,31 @@ pub(crate) fn save(dir: &Path, t: &Trainable, state: &TrainerState) -> Result<()
     write_state(&tmp, state)?;
     replace_dir(&tmp, dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_points_refuse_a_run_with_nothing_to_resume_and_a_new_run_over_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::new(tmp.path());
+        assert_eq!(resume_point(&run, false).unwrap(), None);
+        let err = resume_point(&run, true).unwrap_err().to_string();
+        assert!(
+            err.contains("nothing to resume") && err.contains(STATE_FILE),
+            "{err}"
+        );
+        assert!(err.starts_with(&tmp.path().display().to_string()), "{err}");
+
+        let step = run.step_dir(5);
+        std::fs::create_dir_all(&step).unwrap();
+        std::fs::write(step.join(STATE_FILE), "{}").unwrap();
+        assert_eq!(resume_point(&run, true).unwrap(), Some(step));
+        let err = resume_point(&run, false).unwrap_err().to_string();
+        assert!(err.contains("already holds checkpoints"), "{err}");
+
+        let err = run.existing_config().unwrap_err().to_string();
+        assert!(err.contains("not a run dir"), "{err}");
+    }
+}

@@ -322,7 +322,5 @@ pub fn train(
 
 /// Reads a run's config back (for `--resume`).
 pub fn run_config(run: &Path) -> Result<RunConfig> {
-    let run = RunDir::new(run);
-    run.config_text()?; // refuses a dir that is not a run, naming it
-    RunConfig::load(&run.config_path(), &[])
+    RunConfig::load(&RunDir::new(run).existing_config()?, &[])
 }
