@@ -33,22 +33,33 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const HELD_OUT: usize = 40;
+#[path = "common/mod.rs"]
+mod common;
+
+/// Held-out prompts: 40, or a fifth of a small run's (CI's fixtures).
+fn held_out(n_prompts: usize) -> usize {
+    (n_prompts / 5).clamp(2, 40)
+}
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let n_prompts: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(200);
     let steps: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(24);
-    let teacher = Path::new("models/smollm2-135m-instruct");
-    let source = Path::new("data/raw/prompts/chatterbot.jsonl");
+    let teacher = Path::new(common::TEACHER);
+    let source = &common::prompts();
     if !teacher.exists() || !source.exists() {
-        bail!("run scripts/quickstart.sh first (it fetches the teacher and data/raw/prompts)");
+        bail!(
+            "run scripts/quickstart.sh first (it fetches the teacher and {})",
+            source.display()
+        );
     }
-    let work = Path::new("runs/api-distillation");
+    let work = &common::out("runs/api-distillation");
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work)?;
 
     // The prompts: every k-th of the corpus, the last HELD_OUT kept for evaluation.
+    #[allow(non_snake_case)]
+    let HELD_OUT = held_out(n_prompts);
     let all = read_prompts(source)?;
     let stride = (all.len() / (n_prompts + HELD_OUT)).max(1);
     let picked: Vec<&Vec<ChatMessage>> = all
@@ -94,6 +105,7 @@ fn main() -> Result<()> {
         keys: Some(keys),
         audit_log: Some(work.join("audit.jsonl")),
         rate_window: Duration::from_secs(60),
+        quota_state: None,
     })?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -15,14 +15,17 @@ use distill::train::config::RunConfig;
 use distill::train::trainer::{train, Event, RunOptions};
 use std::path::Path;
 
+#[path = "common/mod.rs"]
+mod common;
+
 fn main() -> Result<()> {
     let steps: u64 = std::env::args()
         .nth(1)
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(32);
-    let teacher_dir = Path::new("models/smollm2-135m-instruct");
-    let tokens = Path::new("data/tokens/corpus");
+    let teacher_dir = Path::new(common::TEACHER);
+    let tokens = &common::tokens();
     if !teacher_dir.exists() || !tokens.exists() {
         bail!(
             "run scripts/quickstart.sh first (it fetches the teacher and prepares {})",
@@ -34,7 +37,7 @@ fn main() -> Result<()> {
     // 1. Teacher → cache: top-64 targets for the first 32 training sequences.
     let teacher = ModelDir::load(teacher_dir, &device)?;
     let hash = teacher.hash()?;
-    let cache_dir = Path::new("cache/example");
+    let cache_dir = &common::out("cache/example");
     let opts = CacheOptions {
         max_sequences: Some(32),
         splits: vec!["train".into()],
@@ -51,11 +54,12 @@ fn main() -> Result<()> {
     drop(teacher);
 
     // 2. Cache → student: the committed config, shortened.
-    let run = Path::new("runs/example");
+    let run = &common::out("runs/example");
     let _ = std::fs::remove_dir_all(run);
     let cfg = RunConfig::load(
         Path::new("configs/smollm2-student.toml"),
         &[
+            format!("data.tokens=\"{}\"", tokens.display()),
             format!("data.cache=\"{}\"", cache_dir.display()),
             format!("train.max_steps={steps}"),
             "train.batch_size=4".into(),

@@ -18,12 +18,15 @@ use distill::train::config::RunConfig;
 use distill::train::trainer::{train, Event, RunOptions};
 use std::path::Path;
 
+#[path = "common/mod.rs"]
+mod common;
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let target = args.next().unwrap_or_else(|| "0.6".into());
     let steps: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16);
-    let teacher_dir = Path::new("models/smollm2-135m-instruct");
-    let tokens = Path::new("data/tokens/corpus");
+    let teacher_dir = Path::new(common::TEACHER);
+    let tokens = &common::tokens();
     if !teacher_dir.exists() || !tokens.exists() {
         bail!(
             "run scripts/quickstart.sh first (it fetches the teacher and prepares {})",
@@ -33,7 +36,7 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
 
     // 1. Teacher → pruned student dir: importance on calibration sequences, the best cut by KL.
-    let pruned = Path::new("runs/example-pruned");
+    let pruned = &common::out("runs/example-pruned");
     let report = prune(
         &PruneOptions {
             teacher: teacher_dir.to_path_buf(),
@@ -55,7 +58,7 @@ fn main() -> Result<()> {
 
     // 2. Teacher → cache: top-64 targets on the sequences the healing run reads.
     let teacher = ModelDir::load(teacher_dir, &device)?;
-    let cache_dir = Path::new("cache/example-heal");
+    let cache_dir = &common::out("cache/example-heal");
     let opts = CacheOptions {
         max_sequences: Some(2 * steps),
         splits: vec!["train".into()],
@@ -75,11 +78,12 @@ fn main() -> Result<()> {
     drop(teacher);
 
     // 3. Cache → healed student: the committed healing config, shortened.
-    let run = Path::new("runs/example-healed");
+    let run = &common::out("runs/example-healed");
     let _ = std::fs::remove_dir_all(run);
     let cfg = RunConfig::load(
         Path::new("configs/smollm2-pruned.toml"),
         &[
+            format!("data.tokens=\"{}\"", tokens.display()),
             format!("data.cache=\"{}\"", cache_dir.display()),
             format!("student.model=\"{}\"", pruned.display()),
             format!("train.max_steps={steps}"),

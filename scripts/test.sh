@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite, as CI runs it: installs what a fresh machine lacks, fetches the real teacher
-# (tests on it fail rather than skip under CI=true), then fmt, clippy, every test, and the CUDA
-# build check (`--features cuda` against the CUDA 13.0 PyPI wheels; no GPU needed).
+# (tests on it fail rather than skip under CI=true), then fmt, clippy, every test, the
+# transformers check (torch + transformers 5 and 4 in a cached venv), every example on small
+# fixtures, and the CUDA build check (`--features cuda` against the CUDA 13.0 PyPI wheels; no GPU
+# needed).
 #
 # Set DISTILL_SKIP_CUDA_BUILD=1 to leave the CUDA build out of a local run (CI never does).
 #
@@ -11,6 +13,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# A clean clone builds once: incremental caches would only add gigabytes to the target dir.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step "toolchain"
 if ! command -v cargo >/dev/null 2>&1; then
@@ -40,6 +45,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --workspace
+
+step "transformers 5 and 4 open what distill writes (ids, logits, model cards, GGUF export)"
+DISTILL_BIN="$root/target/debug/distill" scripts/check-transformers.sh
+
+step "every example, on small fixtures"
+DISTILL_BIN="$root/target/debug/distill" scripts/check-examples.sh
 
 if [[ "${DISTILL_SKIP_CUDA_BUILD:-0}" == "1" && "${CI:-}" != "true" ]]; then
   step "CUDA build check skipped (DISTILL_SKIP_CUDA_BUILD=1)"

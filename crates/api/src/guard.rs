@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One key in the keys file.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,16 +74,31 @@ pub struct Caller {
     limits: Option<KeySpec>,
 }
 
-#[derive(Default)]
+/// One caller's recent use, in Unix seconds (so that it survives a restart in the quota state).
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 struct Usage {
     /// Times of the requests admitted in the last minute.
-    requests: VecDeque<Instant>,
+    requests: VecDeque<f64>,
     /// (time, tokens) of the requests finished in the last day.
-    tokens: VecDeque<(Instant, u64)>,
+    tokens: VecDeque<(f64, u64)>,
+}
+
+/// The quota state file: every caller's [`Usage`], rewritten atomically after each change.
+#[derive(Debug, Serialize, Deserialize)]
+struct QuotaState {
+    format_version: u32,
+    usage: HashMap<String, Usage>,
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
-const DAY: Duration = Duration::from_secs(86_400);
+const DAY: f64 = 86_400.0;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
 
 /// Keys, quotas and the audit log of one server.
 pub struct Guard {
@@ -91,8 +106,10 @@ pub struct Guard {
     usage: Mutex<HashMap<String, Usage>>,
     audit: Mutex<Option<std::fs::File>>,
     audit_path: Option<PathBuf>,
+    /// Where the quotas' usage is kept across restarts (none: in memory only).
+    quota_state: Option<PathBuf>,
     /// The window of `requests_per_minute`: a minute, shorter in tests.
-    minute: Duration,
+    minute: f64,
 }
 
 impl Guard {
@@ -121,15 +138,50 @@ impl Guard {
             usage: Mutex::new(HashMap::new()),
             audit: Mutex::new(audit),
             audit_path,
-            minute,
+            quota_state: None,
+            minute: minute.as_secs_f64(),
         })
+    }
+
+    /// Keeps the quotas' usage in `path` (read now if it exists, rewritten atomically after
+    /// every admitted request and every charge), so a restart does not reset anyone's quota.
+    pub fn with_quota_state(mut self, path: PathBuf) -> Result<Self> {
+        if path.exists() {
+            let state: QuotaState = serde_json::from_str(&read_text(&path)?)
+                .map_err(|e| Error::file(&path, format!("not a quota state file: {e}")))?;
+            if state.format_version != 1 {
+                return Err(Error::file(
+                    &path,
+                    format!("quota state format {} (expected 1)", state.format_version),
+                ));
+            }
+            *self.usage.lock().expect("usage lock poisoned") = state.usage;
+        }
+        self.quota_state = Some(path);
+        Ok(self)
     }
 
     pub fn audit_path(&self) -> Option<&Path> {
         self.audit_path.as_deref()
     }
 
-    /// The caller behind an `Authorization` header value.
+    /// Writes the quota state (if kept); a failure is reported, never fatal to the request.
+    fn persist(&self, usage: &HashMap<String, Usage>) {
+        let Some(path) = &self.quota_state else {
+            return;
+        };
+        let state = QuotaState {
+            format_version: 1,
+            usage: usage.clone(),
+        };
+        let text = serde_json::to_string(&state).expect("the quota state serialises");
+        if let Err(e) = distill_core::fsio::write_atomic(path, text.as_bytes()) {
+            eprintln!("distill serve: writing the quota state failed: {e}");
+        }
+    }
+
+    /// The caller behind an `Authorization` header value. A server without keys serves
+    /// everyone as "anonymous", who is not an admin: the usage report needs a key.
     pub fn authenticate(
         &self,
         authorization: Option<&str>,
@@ -137,7 +189,7 @@ impl Guard {
         let Some(keys) = &self.keys else {
             return Ok(Caller {
                 name: "anonymous".into(),
-                admin: true,
+                admin: false,
                 limits: None,
             });
         };
@@ -159,12 +211,17 @@ impl Guard {
         })
     }
 
+    /// Whether this server has keys at all.
+    pub fn has_keys(&self) -> bool {
+        self.keys.is_some()
+    }
+
     /// Admits a request against the caller's quotas (counting it), or says when to come back.
     pub fn admit(&self, caller: &Caller) -> std::result::Result<(), ApiError> {
         let Some(limits) = &caller.limits else {
             return Ok(());
         };
-        let now = Instant::now();
+        let now = unix_now();
         let mut all = self.usage.lock().expect("usage lock poisoned");
         let u = all.entry(caller.name.clone()).or_default();
         while u.requests.front().is_some_and(|&t| now - t >= self.minute) {
@@ -181,10 +238,10 @@ impl Guard {
                         "Rate limit reached for '{}' on requests per min (RPM): Limit {rpm}, Used {}. Please try again in {:.1}s.",
                         caller.name,
                         u.requests.len(),
-                        wait.as_secs_f64()
+                        wait
                     ),
                     "requests",
-                    wait.as_secs_f64().ceil() as u64,
+                    wait.max(0.0).ceil() as u64,
                 ));
             }
         }
@@ -207,11 +264,12 @@ impl Guard {
                         caller.name
                     ),
                     "tokens",
-                    wait.as_secs_f64().ceil() as u64,
+                    wait.max(0.0).ceil() as u64,
                 ));
             }
         }
         u.requests.push_back(now);
+        self.persist(&all);
         Ok(())
     }
 
@@ -224,7 +282,8 @@ impl Guard {
         all.entry(caller.name.clone())
             .or_default()
             .tokens
-            .push_back((Instant::now(), tokens));
+            .push_back((unix_now(), tokens));
+        self.persist(&all);
     }
 
     /// Appends one record to the audit log (one JSON line, flushed).
@@ -517,5 +576,68 @@ mod tests {
         let e = g2.admit(&c2).unwrap_err();
         assert_eq!(e.kind, "tokens");
         assert!(e.retry_after_s.unwrap() > 86_000);
+    }
+
+    /// A restart keeps the quotas: the usage lives in the state file, written atomically.
+    #[test]
+    fn quotas_survive_a_restart_through_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("quota.json");
+        let spec = KeySpec {
+            key: "sk-test-789".into(),
+            name: "v".into(),
+            requests_per_minute: Some(2),
+            tokens_per_day: Some(100),
+            admin: false,
+        };
+        let start = || {
+            Guard::new(Some(vec![spec.clone()]), None)
+                .unwrap()
+                .with_quota_state(state.clone())
+                .unwrap()
+        };
+        let g = start();
+        let c = g.authenticate(Some("Bearer sk-test-789")).unwrap();
+        g.admit(&c).unwrap();
+        g.charge(&c, 60);
+        drop(g);
+        let g = start();
+        g.admit(&c).unwrap();
+        assert_eq!(g.admit(&c).unwrap_err().kind, "requests");
+        g.charge(&c, 60);
+        drop(g);
+        // 120 tokens of 100 used before this restart: refused for the day.
+        let g = Guard::with_minute(Some(vec![spec.clone()]), None, Duration::from_millis(1))
+            .unwrap()
+            .with_quota_state(state.clone())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(g.admit(&c).unwrap_err().kind, "tokens");
+        assert!(!tmp_left(dir.path()));
+        std::fs::write(&state, "{").unwrap();
+        let err = Guard::new(None, None)
+            .unwrap()
+            .with_quota_state(state.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("quota.json") && err.contains("not a quota state file"),
+            "{err}"
+        );
+    }
+
+    fn tmp_left(dir: &Path) -> bool {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp"))
+    }
+
+    #[test]
+    fn a_keyless_server_serves_everyone_but_no_one_is_admin() {
+        let g = Guard::new(None, None).unwrap();
+        let c = g.authenticate(None).unwrap();
+        assert_eq!(c.name, "anonymous");
+        assert!(!c.admin);
     }
 }

@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub audit_log: Option<PathBuf>,
     /// The window of the keys' `requests_per_minute` (60 s; shorter in tests).
     pub rate_window: std::time::Duration,
+    /// The quotas' usage, kept across restarts (see [`Guard::with_quota_state`]).
+    pub quota_state: Option<PathBuf>,
 }
 
 /// Everything the handlers share.
@@ -71,13 +73,18 @@ impl AppState {
             .unwrap_or_else(|| model_id(&opts.model_dir));
         let context = teacher.config.max_position_embeddings;
         let fingerprint = format!("distill-{}", &teacher.tokenizer.hash()[..10]);
+        let mut guard =
+            Guard::with_minute(opts.keys.clone(), opts.audit_log.clone(), opts.rate_window)?;
+        if let Some(path) = &opts.quota_state {
+            guard = guard.with_quota_state(path.clone())?;
+        }
         let engine = Engine::start(teacher.model, token_bytes.clone(), stop_ids, opts.max_batch);
         Ok(Arc::new(Self {
             model_name,
             tokenizer: teacher.tokenizer,
             token_bytes: Arc::new(token_bytes),
             engine,
-            guard: Guard::with_minute(opts.keys.clone(), opts.audit_log.clone(), opts.rate_window)?,
+            guard,
             context,
             created: now_unix() as u64,
             fingerprint,
@@ -164,20 +171,26 @@ async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response
 }
 
 async fn admin_usage(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let start = Instant::now();
+    let path = "/v1/admin/usage";
     let caller = match st.guard.authenticate(authorization(&headers)) {
         Ok(c) => c,
-        Err(e) => return e.into_response(),
+        Err(e) => return refused(&st, &headers, path, None, &[], start, e),
     };
     if !caller.admin {
-        return ApiError {
+        let message = match st.guard.has_keys() {
+            true => "This key may not read the usage report.",
+            false => "The usage report needs an admin key: this server was started without --keys.",
+        };
+        let e = ApiError {
             status: StatusCode::FORBIDDEN,
-            message: "This key may not read the usage report.".into(),
+            message: message.into(),
             kind: "invalid_request_error",
             param: None,
             code: Some("forbidden"),
             retry_after_s: None,
-        }
-        .into_response();
+        };
+        return refused(&st, &headers, path, Some(&caller), &[], start, e);
     }
     let Some(path) = st.guard.audit_path() else {
         return ApiError::not_found("The server was started without an audit log (--audit-log).")
@@ -237,6 +250,41 @@ impl Audit {
     }
 }
 
+/// Answers a request refused before it was understood (401, 403, 400) and writes it to the audit
+/// log: who (the key's name, or which way authentication failed), where, the status, and a hash
+/// of the raw body.
+fn refused(
+    st: &AppState,
+    headers: &HeaderMap,
+    endpoint: &str,
+    caller: Option<&Caller>,
+    body: &[u8],
+    start: Instant,
+    e: ApiError,
+) -> Response {
+    let key = match (caller, authorization(headers)) {
+        (Some(c), _) => c.name.clone(),
+        (None, Some(h)) if h.starts_with("Bearer ") => "(unknown key)".into(),
+        (None, _) => "(no key)".into(),
+    };
+    st.guard.record(&AuditRecord {
+        time: now_unix(),
+        key,
+        endpoint: endpoint.into(),
+        status: e.status.as_u16(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        logprobs: false,
+        top_logprobs: 0,
+        n: 0,
+        stream: false,
+        prompt_sha256: distill_core::digest::sha256_hex(body),
+        prompt_shape: String::new(),
+        latency_ms: start.elapsed().as_millis() as u64,
+    });
+    e.into_response()
+}
+
 fn random_id(prefix: &str) -> String {
     let n: u128 = rand::random();
     format!("{prefix}-{n:032x}")
@@ -249,24 +297,25 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let start = Instant::now();
+    let path = endpoint.path();
     let caller = match st.guard.authenticate(authorization(&headers)) {
         Ok(c) => c,
-        Err(e) => return e.into_response(),
+        Err(e) => return refused(&st, &headers, path, None, &body, start, e),
     };
     let spec = match parse_request(endpoint, &body) {
         Ok(s) => s,
-        Err(e) => return e.into_response(),
+        Err(e) => return refused(&st, &headers, path, Some(&caller), &body, start, e),
     };
     if spec.model != st.model_name {
-        return ApiError::invalid(
+        let e = ApiError::invalid(
             format!(
                 "The model '{}' does not exist. This server serves '{}'.",
                 spec.model, st.model_name
             ),
             Some("model"),
         )
-        .with_code("model_not_found")
-        .into_response();
+        .with_code("model_not_found");
+        return refused(&st, &headers, path, Some(&caller), &body, start, e);
     }
     let prompt_text = match &spec.prompt {
         PromptIn::Text(t) => t.clone(),

@@ -39,6 +39,7 @@ async fn start(keys: Option<Vec<KeySpec>>, rate_window: Duration, max_batch: usi
         keys,
         audit_log: Some(audit.clone()),
         rate_window,
+        quota_state: None,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -411,6 +412,25 @@ async fn malformed_requests_get_400_and_the_server_stays_up() {
     // Still serving.
     let (st, _, _) = chat(&s.base, chat_body("x", json!({"max_tokens": 2})), None).await;
     assert_eq!(st, 200);
+    // The refusals are in the audit log too, with the raw body's hash.
+    let records = read_audit(&s.audit).unwrap();
+    let refused = records.iter().filter(|r| r.status == 400).count();
+    assert!(refused >= 2, "{records:?}");
+    assert!(records
+        .iter()
+        .any(|r| r.status == 400 && r.key == "anonymous" && r.prompt_tokens == 0));
+    // Without keys everyone may generate, but no one may read the usage report.
+    let resp = client
+        .get(format!("{}/v1/admin/usage", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("without --keys"));
 }
 
 fn key(k: &str, name: &str, rpm: Option<u32>, admin: bool) -> KeySpec {
@@ -556,6 +576,18 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
         .unwrap();
     let keys = report["keys"].as_array().unwrap();
     let c = keys.iter().find(|k| k["key"] == "collector").unwrap();
+    // Refused before admission (no key, a wrong key, a key that is not an admin's): audited.
+    let records = read_audit(&s.audit).unwrap();
+    for (status, who) in [
+        (401, "(no key)"),
+        (401, "(unknown key)"),
+        (403, "collector"),
+    ] {
+        assert!(
+            records.iter().any(|r| r.status == status && r.key == who),
+            "{status} {who}"
+        );
+    }
     assert!(c["requests"].as_u64().unwrap() >= 12);
     assert!(c["rate_limited"].as_u64().unwrap() >= 1);
     assert!(c["logprobs_share"].as_f64().unwrap() > 0.5);

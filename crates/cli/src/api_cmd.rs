@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// The model id clients name (default: the model dir's name).
     #[arg(long)]
     model_name: Option<String>,
+    /// Keep the keys' quota usage here across restarts (JSON, rewritten atomically); default
+    /// with --keys: KEYS_FILE's name + `.usage.json` beside it.
+    #[arg(long, requires = "keys")]
+    quota_state: Option<PathBuf>,
     /// Print the distillation-pattern report of an audit log and exit.
     #[arg(long, value_name = "AUDIT_LOG")]
     report: Option<PathBuf>,
@@ -55,6 +59,12 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     }
     let model = a.model.expect("clap requires --model without --report");
     let keys = a.keys.as_deref().map(load_keys).transpose()?;
+    let quota_state = a.quota_state.clone().or_else(|| {
+        a.keys.as_ref().map(|k| {
+            let name = k.file_name().unwrap_or_default().to_string_lossy();
+            k.with_file_name(format!("{name}.usage.json"))
+        })
+    });
     let opts = ServeOptions {
         model_dir: model.clone(),
         model_name: a.model_name,
@@ -63,6 +73,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         keys,
         audit_log: a.audit_log,
         rate_window: Duration::from_secs(60),
+        quota_state,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

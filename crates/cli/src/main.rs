@@ -57,12 +57,47 @@ enum Command {
     /// Turn collected answers into masked token shards and (with logprobs) a teacher cache.
     #[cfg(feature = "api")]
     PrepareCollected(api_cmd::PrepareCollectedArgs),
+    /// (needs the `api` feature: `cargo build --release`)
+    #[cfg(not(feature = "api"))]
+    #[command(name = "serve", disable_help_flag = true)]
+    ServeUnbuilt(WithoutApi),
+    /// (needs the `api` feature: `cargo build --release`)
+    #[cfg(not(feature = "api"))]
+    #[command(name = "collect", disable_help_flag = true)]
+    CollectUnbuilt(WithoutApi),
+    /// (needs the `api` feature: `cargo build --release`)
+    #[cfg(not(feature = "api"))]
+    #[command(name = "prepare-collected", disable_help_flag = true)]
+    PrepareCollectedUnbuilt(WithoutApi),
+    /// Write a model dir as a llama.cpp GGUF file (llama.cpp, Ollama, LM Studio).
+    Export(ExportArgs),
     /// Write a model's logits for a text (ids and logits as safetensors), to compare with
     /// another implementation (scripts/check_logits.py runs transformers on the same ids).
     Logits(LogitsArgs),
     /// Throughput benchmarks (never part of the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// The arguments of a subcommand this binary was built without; only the refusal reads them.
+#[cfg(not(feature = "api"))]
+#[derive(Args)]
+struct WithoutApi {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<String>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The model dir to export (a converted teacher, a pruned dir, a checkpoint).
+    #[arg(long)]
+    model: PathBuf,
+    /// The GGUF file to write (replaced only once the new one is complete).
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Tensor type of the matrices (norms stay f32): f32 exact, f16, q8_0 (8-bit blocks of 32).
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "q8_0"])]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -148,6 +183,10 @@ struct LogitsArgs {
     /// The text to score (tokenized without special tokens).
     #[arg(long)]
     text: String,
+    /// Score the text as a user message in the model's chat template (with the generation
+    /// prompt), as transformers' `apply_chat_template(..., add_generation_prompt=True)`.
+    #[arg(long)]
+    chat: bool,
     /// Output safetensors file: `ids` u32 (T) and `logits` f32 (T, V).
     #[arg(long)]
     out: PathBuf,
@@ -162,7 +201,13 @@ fn logits_cmd(a: LogitsArgs) -> Result<()> {
         tokenizer: tok,
         ..
     } = ModelDir::load(&a.model, &device)?;
-    let ids = tok.encode(&a.text, false)?;
+    let ids = match a.chat {
+        true => {
+            let text = tok.apply_chat_template(&[ChatMessage::new("user", &a.text)], true)?;
+            tok.encode(&text, false)?
+        }
+        false => tok.encode(&a.text, false)?,
+    };
     if ids.is_empty() {
         bail!("--text: no tokens to score");
     }
@@ -262,11 +307,50 @@ fn run(cli: Cli) -> Result<()> {
         Command::Collect(a) => api_cmd::collect_cmd(a),
         #[cfg(feature = "api")]
         Command::PrepareCollected(a) => api_cmd::prepare_collected_cmd(a),
+        #[cfg(not(feature = "api"))]
+        Command::ServeUnbuilt(_)
+        | Command::CollectUnbuilt(_)
+        | Command::PrepareCollectedUnbuilt(_) => {
+            anyhow::bail!(
+                "this distill binary was built without the `api` feature (serve, collect, \
+                 prepare-collected): scripts/quickstart.sh builds it so, to save build time; \
+                 `cargo build --release` builds the full one"
+            )
+        }
+        Command::Export(a) => export(a),
         Command::Logits(a) => logits_cmd(a),
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Train(a)) => train_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),
     }
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let dtype: distill_core::gguf::GgufType = a.dtype.parse()?;
+    let cfg = distill_core::Config::from_file(a.model.join("config.json"))?;
+    let tokenizer = distill_core::Tokenizer::from_dir(&a.model)?;
+    let tensors = distill_core::weights::load_tensors(&a.model, &candle_core::Device::Cpu)?;
+    let lineage = distill_core::model_card::lineage(&a.model);
+    let name = distill_core::model_dir::display_name(&a.model);
+    let e = distill_core::gguf::write_gguf(
+        &a.gguf, &cfg, &tensors, &tokenizer, dtype, &name, &lineage,
+    )?;
+    if !e.kept_f16.is_empty() {
+        eprintln!(
+            "{} matrices kept in f16 (rows not a multiple of 32): {}",
+            e.kept_f16.len(),
+            e.kept_f16.join(", ")
+        );
+    }
+    eprintln!(
+        "{} tensors ({}, pre-tokenizer {}), {:.1} MB → {}",
+        e.tensors,
+        a.dtype,
+        e.pre_tokenizer,
+        e.bytes as f64 / 1e6,
+        a.gguf.display()
+    );
+    Ok(())
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
@@ -366,16 +450,17 @@ fn read_prompts(a: &GenerateArgs) -> Result<Vec<String>> {
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let prompts = read_prompts(&a)?;
-    let device = parse_device(&a.device.device)?;
-    let teacher = ModelDir::load(&a.model, &device)?;
-    let tok = &teacher.tokenizer;
     let params = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
         seed: a.seed,
         max_new_tokens: a.max_new_tokens,
     };
+    params.check()?;
+    let prompts = read_prompts(&a)?;
+    let device = parse_device(&a.device.device)?;
+    let teacher = ModelDir::load(&a.model, &device)?;
+    let tok = &teacher.tokenizer;
     let stop = tok.stop_ids();
     let mut stdout = std::io::stdout().lock();
     for (i, prompt) in prompts.iter().enumerate() {

@@ -27,12 +27,19 @@ pub struct TrainArgs {
     /// Start even if the memory plan exceeds the available memory.
     #[arg(long)]
     ignore_memory_plan: bool,
+    /// Device for student and live teacher: cpu, cuda, cuda:N (overrides train.device).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut sets = a.sets.clone();
     if let Some(n) = a.max_steps {
         sets.push(format!("train.max_steps={n}"));
+    }
+    if let Some(d) = &a.device {
+        distill_core::parse_device(d)?;
+        sets.push(format!("train.device={d:?}"));
     }
     let (cfg, out, resume) = match &a.resume {
         Some(run) => {

@@ -491,3 +491,86 @@ fn a_corrupted_token_shard_is_refused_by_train_cache_and_eval() {
         check_failure(code, &err, &["shard-00001.bin", "outside the vocabulary"]);
     }
 }
+
+#[test]
+fn sampling_options_out_of_range_are_refused() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    for (flag, value, expect) in [
+        ("--top-p", "2", "top-p 2 is invalid"),
+        ("--top-p", "0", "top-p 0 is invalid"),
+        ("--temperature", "-1", "temperature -1 is invalid"),
+        ("--temperature", "NaN", "temperature NaN is invalid"),
+    ] {
+        let (code, _, err) = distill(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "the",
+            &format!("{flag}={value}"),
+        ]);
+        check_failure(code, &err, &[expect]);
+    }
+}
+
+#[test]
+fn train_refuses_an_unknown_device() {
+    let (code, _, err) = distill(&["train", "--config", "configs/tiny.toml", "--device", "tpu"]);
+    check_failure(code, &err, &["tpu"]);
+}
+
+/// `distill export`: a GGUF file that distill's reader opens again; bad input is one line and
+/// leaves no file behind.
+#[test]
+fn export_writes_a_gguf_that_converts_back_and_refuses_what_it_cannot_write() {
+    let dir = tiny_dir();
+    let m = dir.path().join("m");
+    let gguf = dir.path().join("m.gguf");
+    let (code, _, err) = distill(&[
+        "export",
+        "--model",
+        m.to_str().unwrap(),
+        "--gguf",
+        gguf.to_str().unwrap(),
+        "--dtype",
+        "q8_0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("pre-tokenizer smollm"), "{err}");
+    let back = dir.path().join("back");
+    let (code, _, err) = distill(&[
+        "convert",
+        "--gguf",
+        gguf.to_str().unwrap(),
+        "--out",
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(back.join("README.md").exists());
+
+    let qwen = dir.path().join("qwen");
+    let cfg = distill_core::Config {
+        vocab_size: tiny_config().vocab_size,
+        ..distill_core::Config::tiny_qwen2()
+    };
+    write_tiny_model_dir(&qwen, &cfg, 2).unwrap();
+    let out = dir.path().join("q.gguf");
+    let (code, _, err) = distill(&[
+        "export",
+        "--model",
+        qwen.to_str().unwrap(),
+        "--gguf",
+        out.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["llama architecture", "Qwen2"]);
+    assert!(!out.exists());
+    let (code, _, err) = distill(&[
+        "export",
+        "--model",
+        dir.path().join("absent").to_str().unwrap(),
+        "--gguf",
+        out.to_str().unwrap(),
+    ]);
+    check_failure(code, &err, &["absent"]);
+}

@@ -4,8 +4,10 @@
 use crate::config::{Arch, Config};
 use crate::error::{Error, Result};
 use crate::tokenizer::{byte_level_bpe_json, SpecialTokens, Tokenizer};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -84,6 +86,27 @@ impl Gguf {
                     .map_err(|_| self.err(format!("metadata {key} holds a non-string")))
             })
             .collect()
+    }
+
+    /// Where the file's weights come from, as a Hugging Face id and licence: the
+    /// `general.base_model.0.*` keys when the converter wrote them, else the file's
+    /// `general.organization` and its name up to the first dot
+    /// (`SmolLM2-135M-Instruct.Q4_1.gguf` of HuggingFaceTB → `HuggingFaceTB/SmolLM2-135M-Instruct`).
+    pub fn lineage(&self) -> crate::model_card::Lineage {
+        let base = match (
+            self.get_str("general.base_model.0.organization"),
+            self.get_str("general.base_model.0.name"),
+        ) {
+            (Some(org), Some(name)) => Some(format!("{org}/{name}").replace(' ', "-")),
+            _ => self.get_str("general.organization").and_then(|org| {
+                let stem = self.path.file_name()?.to_str()?.split('.').next()?;
+                (!stem.is_empty()).then(|| format!("{org}/{stem}"))
+            }),
+        };
+        crate::model_card::Lineage {
+            base_model: base,
+            license: self.get_str("general.license"),
+        }
     }
 
     /// The model's hyper-parameters; only the `llama` GGUF architecture is supported.
@@ -184,13 +207,13 @@ impl Gguf {
         let mut json = byte_level_bpe_json(&tokens, &merges, &special);
         match pre.as_str() {
             "smollm" => {}
-            "gpt2" | "default" => {
+            "gpt2" | "gpt-2" | "default" => {
                 // No digit splitting: only the byte-level step.
                 json["pre_tokenizer"] = json["pre_tokenizer"]["pretokenizers"][1].clone();
             }
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: unsupported GGUF pre-tokenizer '{other}' (supported: smollm, gpt2)",
+                    "{}: unsupported GGUF pre-tokenizer '{other}' (supported: smollm, gpt-2)",
                     self.path.display()
                 )))
             }
@@ -285,6 +308,364 @@ pub fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
+/// The tensor type of a GGUF export: `f32` keeps the weights exactly, `f16` halves the file,
+/// `q8_0` (llama.cpp's 8-bit blocks of 32) quarters it. Norms stay f32 whatever is chosen, as
+/// llama.cpp's own converter does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+    Q8_0,
+}
+
+impl std::str::FromStr for GgufType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(Error::Msg(format!(
+                "GGUF type '{other}': expected f32, f16 or q8_0"
+            ))),
+        }
+    }
+}
+
+impl GgufType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::F32 => GgmlDType::F32,
+            Self::F16 => GgmlDType::F16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0).
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 7,
+        }
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct GgufExport {
+    pub tensors: usize,
+    pub bytes: u64,
+    /// The llama.cpp pre-tokenizer name written (`smollm`, `gpt-2`).
+    pub pre_tokenizer: String,
+    /// Matrices kept in f16 because their rows do not split into q8_0's blocks of 32.
+    pub kept_f16: Vec<String>,
+}
+
+/// HF Llama tensor name → GGUF tensor name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py): HF's half-split rotary rows
+/// (head, half j, pair i) interleaved as (head, i, j). [`unpermute`] inverts it.
+pub fn permute(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let half = dims[0] / n_head / 2;
+    let rest: usize = dims[1..].iter().product();
+    Ok(t.reshape((n_head, 2, half, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+/// The llama.cpp name of a tokenizer.json pre-tokenizer, for the two byte-level BPE ones that
+/// [`Gguf::tokenizer`] rebuilds: SmolLM2's (digits one by one, then byte-level) and GPT-2's.
+fn llama_cpp_pre(pre: &Value_) -> Option<&'static str> {
+    let byte_level = |v: &Value_| {
+        v["type"] == "ByteLevel"
+            && v["add_prefix_space"] == false
+            && v.get("use_regex").is_none_or(|r| r == true)
+    };
+    if byte_level(pre) {
+        return Some("gpt-2");
+    }
+    match (pre["type"].as_str(), pre["pretokenizers"].as_array()) {
+        (Some("Sequence"), Some(seq))
+            if seq.len() == 2
+                && seq[0]["type"] == "Digits"
+                && seq[0]["individual_digits"] == true
+                && byte_level(&seq[1]) =>
+        {
+            Some("smollm")
+        }
+        _ => None,
+    }
+}
+
+type Value_ = serde_json::Value;
+
+/// The tokenizer metadata llama.cpp reads (`tokenizer.ggml.*`, the chat template), from a
+/// byte-level BPE tokenizer.json; other tokenizers are refused by name.
+fn tokenizer_metadata(
+    tok: &Tokenizer,
+    vocab_size: usize,
+) -> Result<(Vec<(String, Value)>, String)> {
+    let src = tok.source().to_path_buf();
+    let refuse = |msg: String| Error::Unsupported(format!("{}: {msg}", src.display()));
+    let json: Value_ = serde_json::from_str(
+        &tok.inner()
+            .to_string(false)
+            .map_err(|e| Error::Msg(format!("serialising tokenizer: {e}")))?,
+    )
+    .expect("tokenizers writes JSON");
+    let model = &json["model"];
+    if model["type"] != "BPE" || json["decoder"]["type"] != "ByteLevel" {
+        return Err(refuse(
+            "GGUF export supports byte-level BPE tokenizers (gpt2 in llama.cpp) only".into(),
+        ));
+    }
+    let pre = llama_cpp_pre(&json["pre_tokenizer"]).ok_or_else(|| {
+        refuse(format!(
+            "its pre-tokenizer has no llama.cpp name distill knows (smollm, gpt-2), so llama.cpp \
+             would split text differently: {}",
+            json["pre_tokenizer"]
+        ))
+    })?;
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![1i32; vocab_size];
+    let vocab = model["vocab"].as_object().cloned().unwrap_or_default();
+    for (t, id) in vocab {
+        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+            *slot = Some(t);
+        }
+    }
+    for a in json["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            continue;
+        };
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = Some(content.to_string());
+            // llama.cpp: 3 = control (special), 4 = user-defined.
+            types[id as usize] = if a["special"] == true { 3 } else { 4 };
+        }
+    }
+    // Ids the model has but the tokenizer never produces (a padded vocabulary) get
+    // placeholder names, as llama.cpp's converter writes them.
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Value::String(t.unwrap_or_else(|| {
+                types[i] = 5; // unused
+                format!("[PAD{i}]")
+            }))
+        })
+        .collect();
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Value_::String(s) => Some(s.clone()),
+            Value_::Array(pair) if pair.len() == 2 => {
+                Some(format!("{} {}", pair[0].as_str()?, pair[1].as_str()?))
+            }
+            _ => None,
+        })
+        .map(Value::String)
+        .collect();
+    let mut md = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            Value::Bool(tok.add_bos_token),
+        ),
+    ];
+    for (key, token) in [
+        ("bos_token_id", &tok.bos_token),
+        ("eos_token_id", &tok.eos_token),
+        ("unknown_token_id", &tok.unk_token),
+        ("padding_token_id", &tok.pad_token),
+    ] {
+        if let Some(id) = token.as_deref().and_then(|t| tok.token_to_id(t)) {
+            md.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
+        }
+    }
+    if let Some(t) = &tok.chat_template {
+        md.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+    }
+    Ok((md, pre.to_string()))
+}
+
+/// Writes a model (HF tensors, its config and tokenizer) as a llama.cpp GGUF file: llama
+/// architecture metadata, Q/K rows permuted for llama.cpp's rope, the tokenizer with its
+/// pre-tokenizer and chat template, and `lineage` as `general.base_model.0.*` and
+/// `general.license`. Written under a temporary name and renamed into place.
+pub fn write_gguf(
+    path: &Path,
+    cfg: &Config,
+    tensors: &HashMap<String, Tensor>,
+    tokenizer: &Tokenizer,
+    dtype: GgufType,
+    name: &str,
+    lineage: &crate::model_card::Lineage,
+) -> Result<GgufExport> {
+    if cfg.arch != Arch::Llama || cfg.qkv_bias {
+        return Err(Error::Unsupported(format!(
+            "GGUF export writes the llama architecture; this model is {}",
+            cfg.arch.architecture()
+        )));
+    }
+    if cfg.rope_scaling.is_some() {
+        return Err(Error::Unsupported(
+            "GGUF export does not write rope scaling".into(),
+        ));
+    }
+    let (tok_md, pre) = tokenizer_metadata(tokenizer, cfg.vocab_size)?;
+    let u32v = |x: usize| Value::U32(x as u32);
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.type".into(), Value::String("model".into())),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.file_type".into(), Value::U32(dtype.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+        ("llama.vocab_size".into(), u32v(cfg.vocab_size)),
+        (
+            "llama.context_length".into(),
+            u32v(cfg.max_position_embeddings),
+        ),
+        ("llama.embedding_length".into(), u32v(cfg.hidden_size)),
+        (
+            "llama.feed_forward_length".into(),
+            u32v(cfg.intermediate_size),
+        ),
+        ("llama.block_count".into(), u32v(cfg.num_hidden_layers)),
+        (
+            "llama.attention.head_count".into(),
+            u32v(cfg.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u32v(cfg.num_key_value_heads),
+        ),
+        // A pruned model's head_dim need not be hidden / heads: llama.cpp reads it here.
+        ("llama.attention.key_length".into(), u32v(cfg.head_dim)),
+        ("llama.attention.value_length".into(), u32v(cfg.head_dim)),
+        ("llama.rope.dimension_count".into(), u32v(cfg.head_dim)),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+    ];
+    if let Some(l) = &lineage.license {
+        md.push(("general.license".into(), Value::String(l.clone())));
+    }
+    if let Some((org, base)) = lineage
+        .base_model
+        .as_deref()
+        .and_then(|b| b.split_once('/'))
+    {
+        md.push(("general.base_model.count".into(), Value::U32(1)));
+        md.push((
+            "general.base_model.0.name".into(),
+            Value::String(base.into()),
+        ));
+        md.push((
+            "general.base_model.0.organization".into(),
+            Value::String(org.into()),
+        ));
+    }
+    md.extend(tok_md);
+
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut out: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    let mut kept_f16 = Vec::new();
+    for hf in names {
+        if cfg.tie_word_embeddings && hf == "lm_head.weight" {
+            continue;
+        }
+        let g = gguf_name(hf)
+            .ok_or_else(|| Error::Unsupported(format!("GGUF export: unexpected tensor {hf}")))?;
+        let mut t = tensors[hf].to_dtype(candle_core::DType::F32)?;
+        if g.ends_with("attn_q.weight") {
+            t = permute(&t, cfg.num_attention_heads)?;
+        } else if g.ends_with("attn_k.weight") {
+            t = permute(&t, cfg.num_key_value_heads)?;
+        }
+        let ty = match (t.rank(), dtype) {
+            (1, _) => GgmlDType::F32,
+            (_, GgufType::Q8_0) if t.dims()[t.rank() - 1] % GgmlDType::Q8_0.block_size() != 0 => {
+                kept_f16.push(g.clone());
+                GgmlDType::F16
+            }
+            (_, d) => d.ggml(),
+        };
+        out.push((g, QTensor::quantize(&t, ty)?));
+    }
+    let tmp = crate::fsio::tmp_name(path);
+    let write = || -> Result<()> {
+        let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = out.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut f, &md_refs, &t_refs)
+            .map_err(|e| Error::file(&tmp, crate::error::one_line(&e.to_string())))?;
+        use std::io::Write;
+        f.flush().map_err(|e| Error::io(&tmp, e))?;
+        f.get_ref().sync_all().map_err(|e| Error::io(&tmp, e))
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(GgufExport {
+        tensors: out.len(),
+        bytes: std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len(),
+        pre_tokenizer: pre,
+        kept_f16,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +699,133 @@ mod tests {
         );
         assert!(hf_name("blk.x.attn_q.weight").is_none());
         assert!(hf_name("rope_freqs.weight").is_none());
+    }
+
+    /// An export read back by distill's own reader: same config, tokenizer, lineage; weights
+    /// exactly equal in f32, logits within f16's and q8_0's rounding.
+    #[test]
+    fn export_round_trips_through_the_reader() -> Result<()> {
+        use crate::model_card::Lineage;
+        use crate::testing::{named_tensors, random_model, tiny_config, tiny_tokenizer};
+        let tok = tiny_tokenizer();
+        let lineage = Lineage {
+            base_model: Some("org/tiny-base".into()),
+            license: Some("apache-2.0".into()),
+        };
+        // The second shape has head_dim ≠ hidden / heads (as a head-pruned model) and its own
+        // output matrix.
+        let shapes = [
+            tiny_config(),
+            Config {
+                num_attention_heads: 2,
+                num_key_value_heads: 1,
+                tie_word_embeddings: false,
+                ..tiny_config()
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let ids = Tensor::new(&[[3u32, 70, 200, 5, 9, 120, 33, 1]], &Device::Cpu)?;
+        for cfg in shapes {
+            let tensors = named_tensors(&random_model(&cfg, 3)?.1);
+            let load = |t: HashMap<String, Tensor>, cfg: &Config| {
+                let vb =
+                    candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
+                crate::CausalLm::load(vb, cfg)?.forward(&ids)
+            };
+            let want = load(tensors.clone(), &cfg)?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            // f32: the weights are compared exactly above; the logits differ by float rounding
+            // only (the same values at other addresses take other SIMD paths).
+            for (ty, rel_tol) in [
+                (GgufType::F32, 1e-5),
+                (GgufType::F16, 5e-3),
+                (GgufType::Q8_0, 5e-2),
+            ] {
+                let path = dir.path().join("m.gguf");
+                let e = write_gguf(&path, &cfg, &tensors, &tok, ty, "tiny", &lineage)?;
+                assert_eq!(e.pre_tokenizer, "smollm");
+                // 2 heads × head_dim 8: o_proj's rows (16) do not split into q8_0's blocks.
+                let odd = ty == GgufType::Q8_0 && cfg.num_attention_heads == 2;
+                let want_f16: Vec<String> = match odd {
+                    true => (0..2)
+                        .map(|l| format!("blk.{l}.attn_output.weight"))
+                        .collect(),
+                    false => vec![],
+                };
+                assert_eq!(e.kept_f16, want_f16);
+                let mut g = Gguf::open(&path)?;
+                let back = g.config()?;
+                assert_eq!(
+                    Config {
+                        max_position_embeddings: cfg.max_position_embeddings,
+                        bos_token_id: cfg.bos_token_id,
+                        eos_token_ids: cfg.eos_token_ids.clone(),
+                        pad_token_id: cfg.pad_token_id,
+                        ..back.clone()
+                    },
+                    cfg
+                );
+                assert_eq!(g.lineage(), lineage);
+                let t2 = g.tokenizer()?;
+                let text = "the 2026 <|im_end|> thee\n\n42";
+                assert_eq!(t2.encode(text, true)?, tok.encode(text, true)?);
+                assert_eq!(t2.chat_template, tok.chat_template);
+                assert_eq!(t2.eos_token, tok.eos_token);
+                let got: HashMap<String, Tensor> =
+                    g.hf_tensors(&Device::Cpu)?.into_iter().collect();
+                if ty == GgufType::F32 {
+                    for (name, t) in &tensors {
+                        if let Some(b) = got.get(name) {
+                            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                            assert_eq!(b.dims(), t.dims(), "{name}");
+                            assert_eq!(flat(b)?, flat(t)?, "{name}");
+                        }
+                    }
+                    let missing: Vec<_> =
+                        tensors.keys().filter(|k| !got.contains_key(*k)).collect();
+                    assert!(
+                        missing.iter().all(|k| *k == "lm_head.weight"),
+                        "{missing:?}"
+                    );
+                }
+                let logits = load(got, &back)?;
+                let delta = (logits - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    delta <= rel_tol * scale,
+                    "{ty:?}: max |Δ| {delta} of {scale}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn export_refuses_what_llama_cpp_would_read_otherwise() {
+        use crate::testing::{named_tensors, random_model, tiny_tokenizer};
+        let cfg = Config {
+            vocab_size: tiny_tokenizer().vocab_size(),
+            ..Config::tiny_qwen2()
+        };
+        let (_, varmap) = random_model(&cfg, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.gguf");
+        let err = write_gguf(
+            &path,
+            &cfg,
+            &named_tensors(&varmap),
+            &tiny_tokenizer(),
+            GgufType::F32,
+            "q",
+            &Default::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("llama architecture"), "{err}");
+        assert!(!path.exists());
+        assert!("q4"
+            .parse::<GgufType>()
+            .unwrap_err()
+            .to_string()
+            .contains("f32, f16 or q8_0"));
     }
 }

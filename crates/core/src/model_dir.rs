@@ -1,6 +1,6 @@
 //! Opening a Hugging Face model dir ([`ModelDir`]: the one way teacher, students, eval, prune, the
 //! API and examples load a model) and writing a complete one (config.json, model.safetensors, tokenizer.json,
-//! tokenizer_config.json, generation_config.json) — what `convert` produces and what a training
+//! tokenizer_config.json, generation_config.json, README.md: the model card) — what `convert` produces and what a training
 //! checkpoint contains. The dir is assembled under a temporary name and renamed into place, so a
 //! crash never leaves a half-written model that looks complete.
 
@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsio::{fresh_tmp_dir, replace_dir, write_atomic};
 use crate::model::CausalLm;
+use crate::model_card::ModelCard;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{save_safetensors, torch_dtype_name};
 use candle_core::{DType, Device, Tensor};
@@ -71,6 +72,7 @@ pub fn save_model_dir(
     tensors: &HashMap<String, Tensor>,
     tokenizer: &Tokenizer,
     dtype: DType,
+    card: &ModelCard,
 ) -> Result<()> {
     let parent = out
         .parent()
@@ -78,7 +80,7 @@ pub fn save_model_dir(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = fresh_tmp_dir(out)?;
-    write_model_files(&tmp, cfg, tensors, tokenizer, dtype)?;
+    write_model_files(&tmp, cfg, tensors, tokenizer, dtype, card)?;
     replace_dir(&tmp, out)
 }
 
@@ -90,6 +92,7 @@ pub fn write_model_files(
     tensors: &HashMap<String, Tensor>,
     tokenizer: &Tokenizer,
     dtype: DType,
+    card: &ModelCard,
 ) -> Result<()> {
     let mut cfg = cfg.clone();
     cfg.torch_dtype = torch_dtype_name(dtype).to_string();
@@ -98,6 +101,7 @@ pub fn write_model_files(
     write_atomic(dir.join("config.json"), config_json.as_bytes())?;
     save_safetensors(tensors, dtype, &dir.join("model.safetensors"))?;
     tokenizer.save_dir(dir)?;
+    card.write(dir)?;
     let mut gen = serde_json::Map::new();
     if let Some(b) = cfg.bos_token_id {
         gen.insert("bos_token_id".into(), json!(b));

@@ -95,6 +95,7 @@ pub fn write_tiny_model_dir(dir: &Path, cfg: &Config, seed: u64) -> Result<Causa
         &named_tensors(&varmap),
         &tiny_tokenizer(),
         DType::F32,
+        &crate::ModelCard::new("A random test model"),
     )?;
     Ok(model)
 }

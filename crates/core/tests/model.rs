@@ -117,6 +117,7 @@ fn bf16_weights_load_and_compute_in_f32() {
         &named_tensors(&varmap),
         &tiny_tokenizer(),
         DType::BF16,
+        &distill_core::ModelCard::new("bf16"),
     )
     .unwrap();
     let (loaded, loaded_cfg) = load_model(dir.path(), &Device::Cpu).unwrap();

@@ -16,7 +16,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use distill_core::fsio::write_atomic;
 use distill_core::shards::TokenShards;
-use distill_core::{CausalLm, Config, Error, Result};
+use distill_core::{CausalLm, Config, Error, ModelCard, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -87,6 +87,59 @@ pub struct Candidate {
     pub params: usize,
     /// Mean KL(teacher ‖ cut) per token on the calibration batches, nats.
     pub kl: f64,
+}
+
+/// The pruned dir's model card: the teacher it was cut from, the shape, the candidates measured.
+fn model_card(
+    teacher: &Path,
+    cfg: &Config,
+    pcfg: &Config,
+    tokens: &Path,
+    candidates: &[Candidate],
+    chosen: usize,
+) -> ModelCard {
+    let lineage = distill_core::model_card::lineage(teacher);
+    let mut table = String::from("| candidate | parameters | KL to the teacher |\n|---|---|---|\n");
+    for (i, c) in candidates.iter().enumerate() {
+        let mark = if i == chosen { " (chosen)" } else { "" };
+        table += &format!(
+            "| {}{mark} | {:.1}M | {:.4} |\n",
+            c.name,
+            c.params as f64 / 1e6,
+            c.kl
+        );
+    }
+    ModelCard::derived(
+        format!(
+            "{} cut to {:.0}% by distill prune",
+            distill_core::model_dir::display_name(teacher),
+            100.0 * pcfg.num_params() as f64 / cfg.num_params() as f64
+        ),
+        &lineage,
+    )
+    .tag("pruning")
+    .section(
+        "What this is",
+        format!(
+            "The teacher `{}` ({:.1}M parameters) cut by measured importance (block influence and \
+             per-layer KL, MLP/head/hidden-channel activations on calibration sequences of \
+             `{}`) to {} layers, hidden {}, {} heads ({} KV), MLP {}: {:.1}M parameters. A cut \
+             model is not yet a good language model: `distill train` with `student.init = \
+             \"model\"` heals it by distillation from the teacher. `report.json` beside this \
+             card holds every importance score.",
+            teacher.display(),
+            cfg.num_params() as f64 / 1e6,
+            tokens.display(),
+            pcfg.num_hidden_layers,
+            pcfg.hidden_size,
+            pcfg.num_attention_heads,
+            pcfg.num_key_value_heads,
+            pcfg.intermediate_size,
+            pcfg.num_params() as f64 / 1e6,
+        ),
+    )
+    .section("Candidates measured", table)
+    .section("Licence", distill_core::model_card::licence_note(&lineage))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,7 +303,8 @@ pub fn prune(opts: &PruneOptions, progress: &mut dyn FnMut(String)) -> Result<Pr
     let (chosen, plan) = best.expect("proposals is never empty");
     let pcfg = plan.config(&cfg);
     let pruned = plan.apply(&cfg, &tensors)?;
-    distill_core::save_model_dir(&opts.out, &pcfg, &pruned, &tokenizer, DType::F32)?;
+    let card = model_card(tdir, &cfg, &pcfg, &opts.tokens, &candidates, chosen);
+    distill_core::save_model_dir(&opts.out, &pcfg, &pruned, &tokenizer, DType::F32, &card)?;
     let report = PruneReport {
         teacher: tdir.display().to_string(),
         teacher_params: cfg.num_params(),

@@ -27,6 +27,26 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Refuses settings no sampler can honour: a negative or non-finite temperature, a nucleus
+    /// mass outside (0, 1].
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(distill_core::Error::Msg(format!(
+                "temperature {} is invalid: expected a finite value >= 0 (0 = greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(distill_core::Error::Msg(format!(
+                "top-p {} is invalid: expected a nucleus mass in (0, 1]",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Picks the next token from a logits row.
 pub struct Sampler {
     rng: ChaCha8Rng,
@@ -121,6 +141,7 @@ pub fn generate(
     params: &SamplingParams,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
+    params.check()?;
     let device = model.device();
     let mut cache = KvCache::new(model.config());
     let mut sampler = Sampler::new(params);

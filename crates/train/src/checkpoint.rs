@@ -2,14 +2,17 @@
 //! under a temporary name and renamed into place; and reading one back for an exact resume. The
 //! names of the files are the run dir's (`distill_core::run_dir`).
 
+use crate::config::{RunConfig, StudentInit};
 use crate::optim::AdamW;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use distill_core::fsio::{fresh_tmp_dir, replace_dir};
+use distill_core::run_dir::EvalMetrics;
 use distill_core::run_dir::{
     read_state, write_state, RunDir, TrainerState, OPTIMIZER_FILE, STATE_FILE,
 };
-use distill_core::{Config, Error, Result, Tokenizer};
+use distill_core::shards::TokenShardsMeta;
+use distill_core::{Config, Error, ModelCard, Result, Tokenizer};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +65,7 @@ pub(crate) struct Trainable<'a> {
     pub frozen: &'a HashMap<String, Tensor>,
     pub opt: &'a AdamW,
     pub tokenizer: &'a Tokenizer,
+    pub card: ModelCard,
 }
 
 /// Writes the checkpoint `dir` (replacing one of the same name only once the new one is complete).
@@ -69,7 +73,14 @@ pub(crate) fn save(dir: &Path, t: &Trainable, state: &TrainerState) -> Result<()
     let tmp = fresh_tmp_dir(dir)?;
     let mut tensors = distill_core::weights::varmap_tensors(t.varmap);
     tensors.extend(t.frozen.iter().map(|(k, v)| (k.clone(), v.clone())));
-    distill_core::model_dir::write_model_files(&tmp, t.cfg, &tensors, t.tokenizer, DType::F32)?;
+    distill_core::model_dir::write_model_files(
+        &tmp,
+        t.cfg,
+        &tensors,
+        t.tokenizer,
+        DType::F32,
+        &t.card,
+    )?;
     distill_core::weights::save_safetensors(
         &t.opt.state_tensors(),
         DType::F32,
@@ -77,6 +88,131 @@ pub(crate) fn save(dir: &Path, t: &Trainable, state: &TrainerState) -> Result<()
     )?;
     write_state(&tmp, state)?;
     replace_dir(&tmp, dir)
+}
+
+/// A checkpoint's model card: teacher, start, data, loss, progress and the last validation figures.
+pub(crate) fn card(
+    run: &RunConfig,
+    student: &Config,
+    data: &TokenShardsMeta,
+    state: &TrainerState,
+    eval: Option<&EvalMetrics>,
+) -> ModelCard {
+    let teacher = &run.teacher.model;
+    let lineage = distill_core::model_card::lineage(teacher);
+    let start =
+        match run.student.init {
+            StudentInit::Random => "random initialisation".to_string(),
+            StudentInit::TeacherLayers => "a copy of some of the teacher's layers".to_string(),
+            StudentInit::Model => format!(
+            "the model dir `{}` (a `distill prune` cut of the teacher, or another model with its \
+             tokenizer)",
+            run.student.model.as_deref().unwrap_or(Path::new("?")).display()
+        ),
+        };
+    let l = &run.loss;
+    let kd = if l.alpha_kd > 0.0 {
+        format!(
+            "{} × {} at temperature {}",
+            l.alpha_kd, l.kind, l.temperature
+        )
+    } else {
+        "no distillation term".into()
+    };
+    let targets = match &run.data.cache {
+        Some(c) => format!("the teacher's top-k targets cached in `{}`", c.display()),
+        None if run.teacher.top_k > 0 => {
+            format!("the live teacher, reduced to its top {}", run.teacher.top_k)
+        }
+        None => "the live teacher's full distributions".into(),
+    };
+    let sources: Vec<String> = data
+        .sources
+        .iter()
+        .map(|s| format!("`{}` ({} tokens)", s.path, s.tokens))
+        .collect();
+    let mut card = ModelCard::derived(
+        format!(
+            "{} — a student distilled by distill (step {})",
+            run.name, state.step
+        ),
+        &lineage,
+    )
+    .tag("distillation")
+    .tag("knowledge-distillation");
+    if run.student.init == StudentInit::Model {
+        card = card.tag("pruning");
+    }
+    card.datasets = data
+        .sources
+        .iter()
+        .map(|s| {
+            Path::new(&s.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| s.path.clone())
+        })
+        .collect();
+    card = card
+        .section(
+            "What this is",
+            format!(
+                "A student of the teacher `{}`, started from {start}: {} layers, hidden {}, {} \
+                 heads ({} KV), MLP {}, {:.1}M parameters.",
+                teacher.display(),
+                student.num_hidden_layers,
+                student.hidden_size,
+                student.num_attention_heads,
+                student.num_key_value_heads,
+                student.intermediate_size,
+                student.num_params() as f64 / 1e6
+            ),
+        )
+        .section(
+            "Training",
+            format!(
+                "- loss: {kd} + {} × cross-entropy on the text, against {targets}\n\
+                 - steps: {} of {} (batch {} × {} tokens, lr {}), {} tokens seen, {:.0} s\n\
+                 - data: the train split of `{}`{}\n\
+                 - the run's config is in the run dir (`config.toml`); this dir's \
+                 `trainer_state.json` resumes it exactly",
+                l.alpha_ce,
+                state.step,
+                run.train.max_steps,
+                run.train.batch_size,
+                data.seq_len,
+                run.train.lr,
+                state.tokens,
+                state.elapsed_seconds,
+                run.data.tokens.display(),
+                if sources.is_empty() {
+                    String::new()
+                } else {
+                    format!(", from {}", sources.join(", "))
+                },
+            ),
+        );
+    card = card.section(
+        "Evaluation",
+        match eval {
+            Some(e) => format!(
+                "At step {} on {} held-out tokens (the valid split of the same token dir): \
+                 perplexity {:.2}, KL(teacher ‖ student) {:.4} nats/token. `distill eval` \
+                 measures more (agreement, calibration, other corpora).",
+                e.step, e.eval_tokens, e.perplexity, e.kl_to_teacher
+            ),
+            None => "Not evaluated during training: run `distill eval`.".into(),
+        },
+    );
+    card.section(
+        "Use",
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\
+         tok = AutoTokenizer.from_pretrained(\"THIS_DIR\")\n\
+         model = AutoModelForCausalLM.from_pretrained(\"THIS_DIR\")\n```\n\
+         or `distill generate --model THIS_DIR --prompt \"...\"`; `distill export` writes a GGUF \
+         for llama.cpp.",
+    )
+    .section("Licence", distill_core::model_card::licence_note(&lineage))
 }
 
 #[cfg(test)]

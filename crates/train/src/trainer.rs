@@ -243,18 +243,26 @@ pub fn train(
         step: state.step,
         max_steps: t.max_steps,
     });
-    let saved = |dir: &Path, state: &TrainerState, opt: &AdamW| {
+    let saved = |dir: &Path, state: &TrainerState, opt: &AdamW, eval: Option<&EvalMetrics>| {
         let what = Trainable {
             cfg: &st.cfg,
             varmap: &st.varmap,
             frozen: &st.frozen,
             opt,
             tokenizer: &s.tokenizer,
+            card: checkpoint::card(&s.cfg, &st.cfg, &s.train.meta, state, eval),
         };
         checkpoint::save(dir, &what, state)
     };
     let (mut window_tokens, mut window_start) = (0u64, Instant::now());
-    let mut last_eval = None;
+    // A resumed run's checkpoints still report the last validation figures measured before it.
+    let mut last_eval = match opts.resume {
+        true => run.records()?.into_iter().rev().find_map(|r| match r {
+            Record::Eval(e) => Some(e),
+            Record::Train(_) => None,
+        }),
+        false => None,
+    };
     let (run_start, elapsed_before) = (Instant::now(), state.elapsed_seconds);
     let mut last_ckpt = run.latest_checkpoint();
     while state.step < t.max_steps {
@@ -298,7 +306,7 @@ pub fn train(
         let stop = opts.stop_after == Some(step);
         if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every)) || is_last || stop {
             let dir = run.step_dir(step);
-            saved(&dir, &state, &opt)?;
+            saved(&dir, &state, &opt, last_eval.as_ref())?;
             on_event(Event::Checkpoint(&dir));
             last_ckpt = Some(dir);
             run.remove_old_checkpoints(t.keep_checkpoints, state.best_step)?;
@@ -309,7 +317,7 @@ pub fn train(
     }
     let final_dir = run.final_dir();
     if state.step == t.max_steps {
-        saved(&final_dir, &state, &opt)?;
+        saved(&final_dir, &state, &opt, last_eval.as_ref())?;
     }
     Ok(RunSummary {
         steps: state.step,
