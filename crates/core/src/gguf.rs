@@ -268,31 +268,52 @@ impl Gguf {
     }
 }
 
-/// GGUF tensor name → HF Llama tensor name.
-pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// llama.cpp's tensor names beside HF Llama's: whole-model tensors, then per-layer modules
+/// (`blk.N.{gguf}.weight` ↔ `model.layers.N.{hf}.weight`). [`hf_name`] and [`gguf_name`] read it.
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+const LAYER_MODULES: [(&str, &str); 9] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// Maps `name` through the tables above, from the side `from` (0 = GGUF, 1 = HF) to the other.
+fn map_name(name: &str, from: usize) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str), side: usize| [pair.0, pair.1][side];
+    if let Some(p) = MODEL_TENSORS.iter().find(|p| pick(p, from) == name) {
+        return Some(pick(p, 1 - from).to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
+    let prefix = ["blk.", "model.layers."];
+    let rest = name.strip_prefix(prefix[from])?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    let p = LAYER_MODULES.iter().find(|p| pick(p, from) == module)?;
+    Some(format!(
+        "{}{layer}.{}.{kind}",
+        prefix[1 - from],
+        pick(p, 1 - from)
+    ))
+}
+
+/// GGUF tensor name → HF Llama tensor name.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    map_name(gguf, 0)
+}
+
+/// HF Llama tensor name → GGUF tensor name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    map_name(hf, 1)
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: rows (head, pair i, half j) stored interleaved as
@@ -360,33 +381,6 @@ pub struct GgufExport {
     pub pre_tokenizer: String,
     /// Matrices kept in f16 because their rows do not split into q8_0's blocks of 32.
     pub kept_f16: Vec<String>,
-}
-
-/// HF Llama tensor name → GGUF tensor name (the inverse of [`hf_name`]).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let g = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
 /// llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py): HF's half-split rotary rows
@@ -698,6 +692,15 @@ mod tests {
             "model.layers.0.input_layernorm.weight"
         );
         assert!(hf_name("blk.x.attn_q.weight").is_none());
+        for g in [
+            "token_embd.weight",
+            "output.weight",
+            "blk.7.attn_k.weight",
+            "blk.0.ffn_norm.weight",
+        ] {
+            assert_eq!(gguf_name(&hf_name(g).unwrap()).unwrap(), g);
+        }
+        assert!(gguf_name("model.layers.3.mlp.nope.weight").is_none());
         assert!(hf_name("rope_freqs.weight").is_none());
     }
 
