@@ -35,6 +35,15 @@ pub struct EvalArgs {
     /// Skip the speed measurements.
     #[arg(long)]
     no_speed: bool,
+    /// Exposure bias: held-out prompts (the first --own-text-prompt tokens of this many
+    /// sequences) each student continues itself; KL(teacher‖student) on its own tokens. 0 = off.
+    #[arg(long, default_value_t = 16)]
+    own_text_sequences: usize,
+    #[arg(long, default_value_t = 32)]
+    own_text_prompt: usize,
+    /// Tokens each student samples per prompt (temperature 1, seeded).
+    #[arg(long, default_value_t = 32)]
+    own_text_tokens: usize,
     /// Print report.json to stdout.
     #[arg(long)]
     json: bool,
@@ -64,6 +73,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         prompts,
         max_new_tokens: a.max_new_tokens,
         speed: !a.no_speed,
+        own_text: distill_eval::OwnTextOptions {
+            sequences: a.own_text_sequences,
+            prompt_tokens: a.own_text_prompt,
+            new_tokens: a.own_text_tokens,
+        },
     };
     let mut bar: Option<Box<dyn FnMut(u64)>> = None;
     let r = evaluate(

@@ -103,13 +103,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Event::Step(m) => {
             bar.set_position(m.step);
             bar.set_message(format!(
-                "loss {:.4} lr {:.2e} {:.0} tok/s",
-                m.loss, m.lr, m.tokens_per_second
+                "loss {:.4} lr {:.2e} {:.0} tok/s{}",
+                m.loss,
+                m.lr,
+                m.tokens_per_second,
+                time_split(m)
             ));
             if !tty && m.step.is_multiple_of(log_every) {
                 eprintln!(
-                    "step {} loss {:.4} (kd {:.4}, ce {:.4}) lr {:.2e} grad-norm {:.3} {:.0} tok/s",
-                    m.step, m.loss, m.kd, m.ce, m.lr, m.grad_norm, m.tokens_per_second
+                    "step {} loss {:.4} (kd {:.4}, ce {:.4}{}) lr {:.2e} grad-norm {:.3} {:.0} tok/s{}",
+                    m.step,
+                    m.loss,
+                    m.kd,
+                    m.ce,
+                    extra_terms(m),
+                    m.lr,
+                    m.grad_norm,
+                    m.tokens_per_second,
+                    time_split(m)
                 );
             }
         }
@@ -200,4 +211,34 @@ pub fn bench(a: BenchTrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The on-policy KD and hidden-state terms of a step, when the run has them.
+fn extra_terms(m: &distill_core::run_dir::StepMetrics) -> String {
+    let mut out = String::new();
+    if let Some(k) = m.on_policy_kd {
+        out.push_str(&format!(", on-policy kd {k:.4}"));
+    }
+    if let Some(h) = m.hidden {
+        out.push_str(&format!(", hidden {h:.4}"));
+    }
+    out
+}
+
+/// Where a step's time went, when it sampled or ran a live teacher: " · sample 41% teacher 22%
+/// update 37%".
+fn time_split(m: &distill_core::run_dir::StepMetrics) -> String {
+    match m.seconds {
+        Some(t) if t.sample + t.teacher > 0.0 => {
+            let total = (t.sample + t.teacher + t.update).max(1e-9);
+            let pct = |x: f64| 100.0 * x / total;
+            format!(
+                " · sample {:.0}% teacher {:.0}% update {:.0}%",
+                pct(t.sample),
+                pct(t.teacher),
+                pct(t.update)
+            )
+        }
+        _ => String::new(),
+    }
 }

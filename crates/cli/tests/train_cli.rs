@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn train_args(root: &Path, out: &Path) -> Vec<String> {
+fn train_args(root: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
     [
         "train",
@@ -31,11 +31,34 @@ fn train_args(root: &Path, out: &Path) -> Vec<String> {
         "--set".into(),
         format!("data.tokens=\"{}\"", root.join("tokens").display()),
     ])
+    .chain(
+        extra
+            .iter()
+            .flat_map(|s| ["--set".to_string(), s.to_string()]),
+    )
     .collect()
 }
 
 #[test]
 fn sigkill_then_resume_ends_with_the_same_weights() {
+    sigkill_then_resume(&[]);
+}
+
+/// The same with on-policy batches (the student's samples drawn again after the kill must be the
+/// ones an uninterrupted run drew) and a hidden-state loss through a learned projection.
+#[test]
+fn sigkill_then_resume_ends_with_the_same_weights_on_policy_with_a_hidden_state_loss() {
+    sigkill_then_resume(&[
+        "onpolicy.fraction=0.5",
+        "onpolicy.prompt_tokens=8",
+        "onpolicy.max_new_tokens=8",
+        "hidden.weight=0.5",
+        "hidden.layers=[[0, 0], [1, 1]]",
+        "student.hidden=16",
+    ]);
+}
+
+fn sigkill_then_resume(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     write_tiny_model_dir(&root.join("teacher"), &tiny_config(), 3).unwrap();
@@ -44,7 +67,7 @@ fn sigkill_then_resume_ends_with_the_same_weights() {
 
     let straight = root.join("straight");
     let out = Command::new(bin)
-        .args(train_args(root, &straight))
+        .args(train_args(root, &straight, extra))
         .output()
         .unwrap();
     assert!(
@@ -55,7 +78,7 @@ fn sigkill_then_resume_ends_with_the_same_weights() {
 
     let killed = root.join("killed");
     let mut child = Command::new(bin)
-        .args(train_args(root, &killed))
+        .args(train_args(root, &killed, extra))
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -85,6 +108,12 @@ fn sigkill_then_resume_ends_with_the_same_weights() {
         std::fs::read(straight.join("final/model.safetensors")).unwrap(),
         std::fs::read(killed.join("final/model.safetensors")).unwrap()
     );
+    if !extra.is_empty() {
+        assert_eq!(
+            std::fs::read(straight.join("final/hidden_projection.safetensors")).unwrap(),
+            std::fs::read(killed.join("final/hidden_projection.safetensors")).unwrap()
+        );
+    }
     assert_eq!(
         std::fs::read_to_string(straight.join("metrics.jsonl"))
             .unwrap()

@@ -482,6 +482,44 @@ impl CausalLm {
         self.lm_head.forward(&hidden)
     }
 
+    /// Final-norm hidden states for every position (as [`hidden_states`](Self::hidden_states))
+    /// and the residual stream after each of the blocks `taps` (layer indices, in any order): one
+    /// (B, T, hidden) per tap, in `taps`' order. For hidden-state losses, which match a student's
+    /// layers to its teacher's; [`logits`](Self::logits) finishes the forward.
+    pub fn forward_with_hidden(
+        &self,
+        ids: &Tensor,
+        taps: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        if let Some(&bad) = taps.iter().find(|&&l| l >= self.layers.len()) {
+            candle_core::bail!(
+                "layer {bad} requested, the model has {} layers",
+                self.layers.len()
+            );
+        }
+        let mask = causal_mask(ids.dim(1)?, 0, self.cfg.sliding_window, ids.device())?;
+        let mut x = self.embed(ids)?;
+        let mut out: Vec<Option<Tensor>> = vec![None; taps.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.block(layer, &x, 0, Some(&mask), None)?;
+            for (k, _) in taps.iter().enumerate().filter(|(_, &l)| l == i) {
+                out[k] = Some(x.clone());
+            }
+        }
+        let hidden = self.norm.forward(&x)?;
+        Ok((
+            hidden,
+            out.into_iter()
+                .map(|t| t.expect("every tap checked"))
+                .collect(),
+        ))
+    }
+
+    /// Logits from final-norm hidden states: (…, hidden) → (…, V).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
     /// Final-norm hidden states for every position: (B, T) → (B, T, hidden). Losses that fuse the
     /// output projection with the softmax start from here.
     pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {

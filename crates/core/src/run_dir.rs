@@ -19,6 +19,8 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// A checkpoint's hidden-state projections (trained with the student, not part of the model).
+pub const PROJECTION_FILE: &str = "hidden_projection.safetensors";
 pub const FINAL_DIR: &str = "final";
 const STEP_PREFIX: &str = "step-";
 
@@ -51,6 +53,26 @@ pub struct StepMetrics {
     #[serde(deserialize_with = "nan_if_null")]
     pub tokens_per_second: f64,
     pub elapsed: f64,
+    /// The hidden-state term (unweighted), when the run has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<f32>,
+    /// The KD term of the step's on-policy micro-batches alone, when it had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_policy_kd: Option<f32>,
+    /// Where the step's time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<StepSeconds>,
+}
+
+/// The wall-clock split of one optimizer step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepSeconds {
+    /// The student sampling its own continuations (on-policy micro-batches).
+    pub sample: f64,
+    /// Teacher targets: the live teacher's forward, or reading the cache.
+    pub teacher: f64,
+    /// The student's forward and backward, and the optimizer update.
+    pub update: f64,
 }
 
 /// A validation pass during training.
@@ -290,6 +312,9 @@ mod tests {
             grad_norm: 0.5,
             tokens_per_second: 10.0,
             elapsed: 1.0,
+            hidden: None,
+            on_policy_kd: None,
+            seconds: None,
         });
         let line = record_line(&t);
         assert!(
@@ -372,6 +397,9 @@ mod tests {
                 grad_norm: 1.0,
                 tokens_per_second: 1.0,
                 elapsed: 1.0,
+                hidden: None,
+                on_policy_kd: None,
+                seconds: None,
             };
             w.write(&Record::Train(m)).unwrap();
         }

@@ -3,6 +3,7 @@
 //! (markdown, JSON, PNG plots).
 
 pub mod metrics;
+pub mod provenance;
 pub mod report;
 
 use candle_core::{DType, Device, Tensor};
@@ -25,6 +26,31 @@ pub struct EvalOptions {
     pub max_new_tokens: usize,
     /// Measure prefill and decode speed (a few seconds per model).
     pub speed: bool,
+    /// The exposure-bias metric: KL(teacher‖student) on the student's own continuations.
+    pub own_text: OwnTextOptions,
+}
+
+/// Settings of the exposure-bias metric: each student continues the first `prompt_tokens` ids
+/// of the first `sequences` sequences of the split (held-out prompts) by sampling
+/// `new_tokens` at temperature 1 (seeded), and KL(teacher‖student) is averaged over the
+/// generated positions. A student trained only on fixed text may do well on it and drift on its
+/// own; this measures the second.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnTextOptions {
+    /// 0 = off.
+    pub sequences: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+}
+
+impl Default for OwnTextOptions {
+    fn default() -> Self {
+        Self {
+            sequences: 16,
+            prompt_tokens: 32,
+            new_tokens: 32,
+        }
+    }
 }
 
 impl Default for EvalOptions {
@@ -36,6 +62,7 @@ impl Default for EvalOptions {
             prompts: Vec::new(),
             max_new_tokens: 32,
             speed: true,
+            own_text: OwnTextOptions::default(),
         }
     }
 }
@@ -57,6 +84,10 @@ pub struct ModelReport {
     pub tokens: u64,
     /// Teacher-relative metrics; `None` for a model with another tokenizer (see `note`).
     pub kl_to_teacher: Option<f64>,
+    /// KL(teacher‖student) on the student's own sampled continuations of held-out prompts
+    /// (exposure bias; see [`OwnTextOptions`]); `None` for the teacher, a model with another
+    /// tokenizer, or when not measured.
+    pub kl_on_own_text: Option<f64>,
     pub top1_agreement: Option<f64>,
     pub top5_agreement: Option<f64>,
     pub ece: f64,
@@ -176,11 +207,23 @@ pub fn evaluate(
     }
     let teacher_prefill = speeds[0].map(|s| s.0);
     let generations = generations(&all, opts)?;
+    let mut own = vec![None];
+    for m in &models {
+        own.push(match m.same_tokenizer {
+            true => own_text_kl(&teacher.md.model, &m.md, &shards, opts)?,
+            false => None,
+        });
+    }
     let models = all
         .iter()
         .zip(&speeds)
+        .zip(own)
         .enumerate()
-        .map(|(i, (m, speed))| model_report(m, *speed, teacher_prefill, i == 0, bytes))
+        .map(|(i, ((m, speed), own))| {
+            let mut r = model_report(m, *speed, teacher_prefill, i == 0, bytes);
+            r.kl_on_own_text = own;
+            r
+        })
         .collect();
     Ok(Report {
         tokens_dir: tokens_dir.to_path_buf(),
@@ -313,6 +356,65 @@ fn score_retokenized(m: &mut Loaded, text: &str, device: &Device) -> Result<()> 
     Ok(())
 }
 
+/// The exposure-bias metric of one student (see [`OwnTextOptions`]): mean KL(teacher‖student)
+/// at temperature 1 over the positions that predict a token the student sampled itself. None
+/// when the split's sequences are too short for the prompt or the metric is off.
+pub fn own_text_kl(
+    teacher: &CausalLm,
+    student: &ModelDir,
+    shards: &TokenShards,
+    opts: &EvalOptions,
+) -> Result<Option<f64>> {
+    let o = opts.own_text;
+    let n = o.sequences.min(shards.len());
+    if n == 0 || o.new_tokens == 0 || o.prompt_tokens == 0 || o.prompt_tokens > shards.seq_len() {
+        return Ok(None);
+    }
+    let p = o.prompt_tokens;
+    let device = student.model.device();
+    let stop = student.tokenizer.stop_ids();
+    let (mut kl, mut count) = (0f64, 0u64);
+    let b = opts.batch_size.max(1);
+    for (batch, b0) in (0..n).step_by(b).enumerate() {
+        let seqs: Vec<usize> = (b0..(b0 + b).min(n)).collect();
+        let prompts: Vec<u32> = seqs
+            .iter()
+            .flat_map(|&i| shards.sequence(i)[..p].to_vec())
+            .collect();
+        let params = distill_teacher::generate::SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: batch as u64,
+            max_new_tokens: o.new_tokens,
+        };
+        let sample = distill_teacher::generate::sample_batch(
+            &student.model,
+            &prompts,
+            seqs.len(),
+            &stop,
+            &params,
+        )?;
+        let t = sample.seq_len();
+        let input = Tensor::from_vec(sample.ids.clone(), (seqs.len(), t), device)?;
+        let (tl, tv) = logits_rows(teacher, &input)?;
+        let (sl, sv) = logits_rows(&student.model, &input)?;
+        let rows: Vec<usize> = (0..seqs.len())
+            .flat_map(|r| (0..t - 1).map(move |i| (r, i)))
+            .filter(|&(r, i)| sample.is_generated(r, i + 1))
+            .map(|(r, i)| r * t + i)
+            .collect();
+        kl += rows
+            .par_iter()
+            .map(|&r| {
+                let (trow, srow) = (&tl[r * tv..(r + 1) * tv], &sl[r * sv..(r + 1) * sv]);
+                metrics::kl_row(trow, summarize(trow).lse, srow, summarize(srow).lse)
+            })
+            .sum::<f64>();
+        count += rows.len() as u64;
+    }
+    Ok((count > 0).then(|| kl / count as f64))
+}
+
 /// Greedy completions of every prompt by every model, side by side.
 fn generations(models: &[&Loaded], opts: &EvalOptions) -> Result<Vec<Generation>> {
     let params = distill_teacher::generate::SamplingParams {
@@ -371,6 +473,7 @@ fn model_report(
         bits_per_byte: a.ce / std::f64::consts::LN_2 / bytes.max(1) as f64,
         tokens: a.tokens,
         kl_to_teacher: rel.then(|| a.kl / a.compared.max(1) as f64),
+        kl_on_own_text: None,
         top1_agreement: frac(a.top1),
         top5_agreement: frac(a.top5),
         ece: a.ece(),

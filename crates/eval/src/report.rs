@@ -23,8 +23,8 @@ pub fn markdown(r: &Report) -> String {
         r.device,
         r.threads
     ));
-    s.push_str("| model | params | non-emb. | size | perplexity | bits/byte | KL(t‖s) | top-1 | top-5 | ECE | prefill tok/s | decode tok/s | speed-up |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| model | params | non-emb. | size | perplexity | bits/byte | KL(t‖s) | KL own text | top-1 | top-5 | ECE | prefill tok/s | decode tok/s | speed-up |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for m in &r.models {
         let name = if m.is_teacher {
             format!("**{}** (teacher)", m.name)
@@ -32,13 +32,14 @@ pub fn markdown(r: &Report) -> String {
             m.name.clone()
         };
         s.push_str(&format!(
-            "| {name} | {:.1}M | {:.1}M | {:.0} MB | {:.2} | {:.3} | {} | {} | {} | {:.3} | {} | {} | {} |\n",
+            "| {name} | {:.1}M | {:.1}M | {:.0} MB | {:.2} | {:.3} | {} | {} | {} | {} | {:.3} | {} | {} | {} |\n",
             m.params as f64 / 1e6,
             m.non_embedding_params as f64 / 1e6,
             m.size_on_disk_bytes as f64 / 1e6,
             m.perplexity,
             m.bits_per_byte,
             opt(m.kl_to_teacher, |x| format!("{x:.3}")),
+            opt(m.kl_on_own_text, |x| format!("{x:.3}")),
             opt(m.top1_agreement, |x| format!("{:.1}%", 100.0 * x)),
             opt(m.top5_agreement, |x| format!("{:.1}%", 100.0 * x)),
             m.ece,
@@ -56,7 +57,9 @@ pub fn markdown(r: &Report) -> String {
         s.push_str(&format!("\n{}\n", notes.join("\n")));
     }
     s.push_str(
-        "\nKL(t‖s): mean KL(teacher‖student) per token at temperature 1 (nats). top-1: the \
+        "\nKL(t‖s): mean KL(teacher‖student) per token at temperature 1 (nats). KL own text: the \
+         same on the student's own continuations of held-out prompts (sampled at temperature 1; \
+         exposure bias). top-1: the \
          student's most likely token is the teacher's; top-5: it is among the teacher's 5 most \
          likely. ECE: expected calibration error of the top prediction against the actual next \
          token, 15 equal-width bins. Speed: full-sequence prefill at batch 1 and greedy decode \

@@ -13,6 +13,11 @@ fn opts() -> EvalOptions {
         prompts: vec!["the cat".into()],
         max_new_tokens: 4,
         speed: false,
+        own_text: distill_eval::OwnTextOptions {
+            sequences: 4,
+            prompt_tokens: 4,
+            new_tokens: 6,
+        },
         ..Default::default()
     }
 }
@@ -48,6 +53,13 @@ fn a_model_against_itself_has_zero_kl_and_full_agreement() {
     );
     assert_eq!(s.top1_agreement, Some(1.0));
     assert_eq!(s.top5_agreement, Some(1.0));
+    // Exposure bias: on its own continuations too, a copy of the teacher is the teacher.
+    assert!(
+        s.kl_on_own_text.unwrap().abs() < 1e-6,
+        "{:?}",
+        s.kl_on_own_text
+    );
+    assert_eq!(t.kl_on_own_text, None);
     assert!((s.perplexity - t.perplexity).abs() < 1e-9);
     assert_eq!(s.ece, t.ece);
     assert!(t.perplexity > 1.0 && t.ece >= 0.0 && t.ece <= 1.0);
@@ -124,6 +136,9 @@ fn report_files_exist_and_parse_and_checkpoints_are_plotted() {
             grad_norm: 1.0,
             tokens_per_second: 100.0,
             elapsed: s as f64,
+            hidden: None,
+            on_policy_kd: None,
+            seconds: None,
         }))
         .unwrap();
     }
@@ -292,4 +307,46 @@ fn masked_splits_are_scored_on_their_targets_only() {
         e.contains("another tokenizer") && e.contains("other"),
         "{e}"
     );
+}
+
+#[test]
+fn the_kl_on_a_students_own_text_is_positive_for_another_model_and_can_be_switched_off() {
+    let (d, teacher, tokens) = setup();
+    let other = d.path().join("other");
+    write_tiny_model_dir(&other, &tiny_config(), 22).unwrap();
+    let mut o = opts();
+    let r = evaluate(
+        &teacher,
+        std::slice::from_ref(&other),
+        &tokens,
+        &o,
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    let kl = r.models[1].kl_on_own_text.unwrap();
+    assert!(kl > 1e-3 && kl.is_finite(), "{kl}");
+    assert!(report::markdown(&r).contains("KL own text"));
+    // Seeded: the same students sample the same text.
+    let again = evaluate(
+        &teacher,
+        std::slice::from_ref(&other),
+        &tokens,
+        &o,
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(again.models[1].kl_on_own_text, Some(kl));
+    o.own_text.sequences = 0;
+    let off = evaluate(
+        &teacher,
+        std::slice::from_ref(&other),
+        &tokens,
+        &o,
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(off.models[1].kl_on_own_text, None);
 }

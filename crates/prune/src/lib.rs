@@ -125,7 +125,7 @@ fn model_card(
              per-layer KL, MLP/head/hidden-channel activations on calibration sequences of \
              `{}`) to {} layers, hidden {}, {} heads ({} KV), MLP {}: {:.1}M parameters. A cut \
              model is not yet a good language model: `distill train` with `student.init = \
-             \"model\"` heals it by distillation from the teacher. `report.json` beside this \
+             \"model\"` heals it by distillation from the teacher. `prune-report.json` beside this \
              card holds every importance score.",
             teacher.display(),
             cfg.num_params() as f64 / 1e6,

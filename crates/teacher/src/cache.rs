@@ -70,9 +70,16 @@ pub fn topk_batch(
     ids: &Tensor,
     k: usize,
 ) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
-    let (b, t) = ids.dims2()?;
-    let hidden = model.hidden_states(ids)?;
-    let h = hidden.dim(2)?;
+    topk_from_hidden(model, &model.hidden_states(ids)?, k)
+}
+
+/// [`topk_batch`] from the model's final-norm hidden states (B, T, hidden).
+pub fn topk_from_hidden(
+    model: &CausalLm,
+    hidden: &Tensor,
+    k: usize,
+) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
+    let (b, t, h) = hidden.dims3()?;
     let rows = b * t;
     let hidden = hidden.reshape((rows, h))?;
     let w = model.lm_head_weight().t()?;
@@ -108,10 +115,19 @@ pub fn topk_batch(
 
 /// Live sparse targets (the same values a cache would hold, in f32).
 pub fn live_sparse_targets(model: &CausalLm, ids: &Tensor, k: usize) -> Result<TeacherTargets> {
-    let (b, t) = ids.dims2()?;
+    sparse_targets_from_hidden(model, &model.hidden_states(ids)?, k)
+}
+
+/// [`live_sparse_targets`] from the model's final-norm hidden states (B, T, hidden).
+pub fn sparse_targets_from_hidden(
+    model: &CausalLm,
+    hidden: &Tensor,
+    k: usize,
+) -> Result<TeacherTargets> {
+    let (b, t, _) = hidden.dims3()?;
     let k = k.min(model.config().vocab_size);
-    let (i, lp, lse) = topk_batch(model, ids, k)?;
-    let device = ids.device();
+    let (i, lp, lse) = topk_from_hidden(model, hidden, k)?;
+    let device = hidden.device();
     Ok(TeacherTargets::Sparse {
         ids: Tensor::from_vec(i, (b, t, k), device)?,
         logprobs: Tensor::from_vec(lp, (b, t, k), device)?,

@@ -172,9 +172,155 @@ pub fn generate(
     })
 }
 
+/// Continuations of a batch of prompts sampled together (one KV cache, one forward per new
+/// position for the whole batch): what on-policy distillation trains on and what the
+/// exposure-bias metric scores.
+#[derive(Debug, Clone)]
+pub struct BatchSample {
+    /// (B, P + G) ids, row-major: each prompt followed by its `G` new positions. After a row
+    /// stops, its remaining positions repeat the stop token.
+    pub ids: Vec<u32>,
+    pub rows: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Per row: how many of its new positions were generated (the rest follow a stop token),
+    /// the stop token included when one was drawn.
+    pub generated: Vec<usize>,
+}
+
+impl BatchSample {
+    pub fn seq_len(&self) -> usize {
+        self.prompt_len + self.new_tokens
+    }
+
+    /// Whether position `i` of row `b` holds a token the model generated.
+    pub fn is_generated(&self, b: usize, i: usize) -> bool {
+        i >= self.prompt_len && i - self.prompt_len < self.generated[b]
+    }
+}
+
+/// Samples `params.max_new_tokens` positions after each of the `rows` prompts of `prompt_len` ids
+/// (`prompts` row-major) with one sampler drawing row by row, so a seed fixes the whole batch. A
+/// row that draws one of `stop_ids` keeps it and is padded with it from then on.
+pub fn sample_batch(
+    model: &CausalLm,
+    prompts: &[u32],
+    rows: usize,
+    stop_ids: &[u32],
+    params: &SamplingParams,
+) -> Result<BatchSample> {
+    params.check()?;
+    let p = prompts.len().checked_div(rows).unwrap_or(0);
+    if rows == 0 || p == 0 || p * rows != prompts.len() {
+        return Err(distill_core::Error::Msg(format!(
+            "sample_batch: {} prompt ids do not make {rows} non-empty rows of equal length",
+            prompts.len()
+        )));
+    }
+    let g = params.max_new_tokens;
+    let device = model.device();
+    let mut cache = KvCache::new(model.config());
+    let mut sampler = Sampler::new(params);
+    let mut new: Vec<Vec<u32>> = vec![Vec::with_capacity(g); rows];
+    let mut generated = vec![0usize; rows];
+    let mut stopped: Vec<Option<u32>> = vec![None; rows];
+    let mut input = Tensor::from_vec(prompts.to_vec(), (rows, p), device)?;
+    for _ in 0..g {
+        let logits: Vec<f32> = model
+            .forward_cached(&input, &mut cache)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let v = logits.len() / rows;
+        let mut next = Vec::with_capacity(rows);
+        for b in 0..rows {
+            let id = match stopped[b] {
+                Some(stop) => stop,
+                None => {
+                    let id = sampler.sample_slice(&logits[b * v..(b + 1) * v]);
+                    generated[b] += 1;
+                    if stop_ids.contains(&id) {
+                        stopped[b] = Some(id);
+                    }
+                    id
+                }
+            };
+            new[b].push(id);
+            next.push(id);
+        }
+        if stopped.iter().all(Option::is_some) {
+            // Every row has stopped: the rest is padding, no forward needed.
+            let fill = new.iter().map(|r| r.len()).max().unwrap_or(0);
+            for (b, row) in new.iter_mut().enumerate() {
+                let stop = stopped[b].expect("all stopped");
+                row.resize(g.max(fill), stop);
+            }
+            break;
+        }
+        input = Tensor::from_vec(next, (rows, 1), device)?;
+    }
+    let mut ids = Vec::with_capacity(rows * (p + g));
+    for (b, row) in new.iter().enumerate() {
+        ids.extend_from_slice(&prompts[b * p..(b + 1) * p]);
+        ids.extend_from_slice(row);
+    }
+    Ok(BatchSample {
+        ids,
+        rows,
+        prompt_len: p,
+        new_tokens: g,
+        generated,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_samples_what_each_row_would_alone_and_pads_after_a_stop() {
+        let cfg = distill_core::testing::tiny_config();
+        let (model, _) = distill_core::testing::random_model(&cfg, 5).unwrap();
+        let prompts = [3u32, 7, 9, 4, 4, 1, 20, 2, 8];
+        let greedy = SamplingParams {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let batch = sample_batch(&model, &prompts, 3, &[], &greedy).unwrap();
+        assert_eq!(
+            (batch.seq_len(), batch.generated.clone()),
+            (9, vec![6, 6, 6])
+        );
+        for b in 0..3 {
+            let alone =
+                generate(&model, &prompts[b * 3..b * 3 + 3], &[], &greedy, |_| Ok(())).unwrap();
+            assert_eq!(&batch.ids[b * 9..b * 9 + 3], &prompts[b * 3..b * 3 + 3]);
+            assert_eq!(
+                &batch.ids[b * 9 + 3..(b + 1) * 9],
+                alone.tokens.as_slice(),
+                "row {b}"
+            );
+        }
+        // A stop id drawn by a row ends it: kept once, then repeated as padding, not generated.
+        let stop = batch.ids[3 + 1]; // row 0's second new token
+        let stopped = sample_batch(&model, &prompts, 3, &[stop], &greedy).unwrap();
+        let first = batch.ids[3..9].iter().position(|&t| t == stop).unwrap();
+        assert_eq!(stopped.generated[0], first + 1);
+        assert!(stopped.ids[3 + first..9].iter().all(|&t| t == stop));
+        assert!(stopped.is_generated(0, 3 + first) && !stopped.is_generated(0, 3 + first + 1));
+        assert!(!stopped.is_generated(1, 2) && stopped.is_generated(1, 3));
+        // Sampled batches are fixed by the seed.
+        let hot = SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let a = sample_batch(&model, &prompts, 3, &[], &hot).unwrap();
+        let b = sample_batch(&model, &prompts, 3, &[], &hot).unwrap();
+        assert_eq!(a.ids, b.ids);
+        assert!(sample_batch(&model, &prompts[..8], 3, &[], &hot).is_err());
+    }
 
     #[test]
     fn greedy_is_argmax_and_sampling_is_seeded() {

@@ -9,7 +9,7 @@ use candle_nn::VarMap;
 use distill_core::fsio::{fresh_tmp_dir, replace_dir};
 use distill_core::run_dir::EvalMetrics;
 use distill_core::run_dir::{
-    read_state, write_state, RunDir, TrainerState, OPTIMIZER_FILE, STATE_FILE,
+    read_state, write_state, RunDir, TrainerState, OPTIMIZER_FILE, PROJECTION_FILE, STATE_FILE,
 };
 use distill_core::shards::TokenShardsMeta;
 use distill_core::{Config, Error, ModelCard, Result, Tokenizer};
@@ -66,6 +66,8 @@ pub(crate) struct Trainable<'a> {
     pub opt: &'a AdamW,
     pub tokenizer: &'a Tokenizer,
     pub card: ModelCard,
+    /// The hidden-state loss's learned projections, saved beside the model (not in it).
+    pub projections: Option<HashMap<String, Tensor>>,
 }
 
 /// Writes the checkpoint `dir` (replacing one of the same name only once the new one is complete).
@@ -86,6 +88,9 @@ pub(crate) fn save(dir: &Path, t: &Trainable, state: &TrainerState) -> Result<()
         DType::F32,
         &tmp.join(OPTIMIZER_FILE),
     )?;
+    if let Some(p) = &t.projections {
+        distill_core::weights::save_safetensors(p, DType::F32, &tmp.join(PROJECTION_FILE))?;
+    }
     write_state(&tmp, state)?;
     replace_dir(&tmp, dir)
 }

@@ -20,6 +20,86 @@ pub struct RunConfig {
     pub loss: LossSection,
     #[serde(default)]
     pub train: TrainSection,
+    /// On-policy distillation: batches of the student's own samples, scored by the teacher.
+    #[serde(default, skip_serializing_if = "OnPolicySection::is_off")]
+    pub onpolicy: OnPolicySection,
+    /// A hidden-state loss between student layers and mapped teacher layers.
+    #[serde(default, skip_serializing_if = "HiddenSection::is_off")]
+    pub hidden: HiddenSection,
+}
+
+/// On-policy distillation (GKD, Agarwal et al. 2024): a fraction of the micro-batches has the
+/// student continue prompts taken from the token shards (the first `prompt_tokens` ids of each
+/// sequence), the live teacher scores every generated token, and the KD loss is taken on the
+/// generated positions only (no cross-entropy: the tokens are the student's own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnPolicySection {
+    /// λ: the fraction of micro-batches that are on-policy (0 = off-policy only, 1 = all).
+    pub fraction: f64,
+    /// Prompt length, in tokens, taken from the start of each sequence.
+    pub prompt_tokens: usize,
+    /// New tokens the student samples after each prompt.
+    pub max_new_tokens: usize,
+    /// Sampling temperature of the student's continuations (1 = its own distribution).
+    pub temperature: f64,
+}
+
+impl Default for OnPolicySection {
+    fn default() -> Self {
+        Self {
+            fraction: 0.0,
+            prompt_tokens: 64,
+            max_new_tokens: 64,
+            temperature: 1.0,
+        }
+    }
+}
+
+impl OnPolicySection {
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether micro-batch `k` (counted from 0 over the whole run) is on-policy: λ of them,
+    /// spread evenly (k is on-policy when ⌊(k+1)λ⌋ > ⌊kλ⌋), so the schedule is a function of
+    /// the step and a resumed run continues it exactly.
+    pub fn is_on_policy(&self, k: u64) -> bool {
+        self.fraction > 0.0
+            && ((k + 1) as f64 * self.fraction).floor() > (k as f64 * self.fraction).floor()
+    }
+}
+
+/// Hidden-state distillation (TinyBERT, MiniLM, Minitron's healing): the residual stream after
+/// student layer s is matched to the teacher's after layer t for each pair (s, t), through a
+/// learned linear projection when the widths differ (saved in the checkpoint, not in the model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HiddenSection {
+    /// Weight of the hidden-state term in the total loss (0 = off).
+    pub weight: f32,
+    /// `cosine` (1 − cos per position) or `mse` (mean squared error per element).
+    pub kind: String,
+    /// (student layer, teacher layer) pairs; absent: the layer map of the prune report in
+    /// `student.model` (every kept layer to the teacher layer it came from).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<[usize; 2]>>,
+}
+
+impl Default for HiddenSection {
+    fn default() -> Self {
+        Self {
+            weight: 0.0,
+            kind: "cosine".into(),
+            layers: None,
+        }
+    }
+}
+
+impl HiddenSection {
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +344,35 @@ impl RunConfig {
             ));
         }
         self.loss.to_config(None).map_err(|e| e.to_string())?;
+        let o = &self.onpolicy;
+        if !(0.0..=1.0).contains(&o.fraction) {
+            return Err(format!(
+                "onpolicy.fraction = {}: expected a fraction of the batches in [0, 1]",
+                o.fraction
+            ));
+        }
+        if o.fraction > 0.0 && (o.prompt_tokens == 0 || o.max_new_tokens == 0) {
+            return Err("onpolicy.prompt_tokens and onpolicy.max_new_tokens must be ≥ 1".into());
+        }
+        if !(o.temperature.is_finite() && o.temperature >= 0.0) {
+            return Err(format!(
+                "onpolicy.temperature = {}: expected a finite value ≥ 0 (0 = greedy)",
+                o.temperature
+            ));
+        }
+        let h = &self.hidden;
+        if !(h.weight.is_finite() && h.weight >= 0.0) {
+            return Err(format!(
+                "hidden.weight = {}: expected a value ≥ 0",
+                h.weight
+            ));
+        }
+        if h.kind != "cosine" && h.kind != "mse" {
+            return Err(format!(
+                "hidden.kind = \"{}\": expected cosine or mse",
+                h.kind
+            ));
+        }
         let s = &self.student;
         match (s.init, &s.model) {
             (StudentInit::Model, None) => {

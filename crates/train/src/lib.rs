@@ -5,6 +5,7 @@
 pub mod bench;
 mod checkpoint;
 pub mod config;
+pub mod hidden;
 pub mod loss;
 pub mod optim;
 mod setup;

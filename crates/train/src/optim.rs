@@ -50,17 +50,31 @@ pub fn decays(name: &str) -> bool {
 
 impl AdamW {
     pub fn new(varmap: &VarMap, cfg: AdamWConfig) -> Result<Self> {
-        let data = varmap.data().lock().expect("varmap lock");
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        let params = names
+        Self::over(&[varmap], cfg)
+    }
+
+    /// AdamW over the variables of several VarMaps (e.g. a student and its hidden-state
+    /// projections), whose names must not collide.
+    pub fn over(varmaps: &[&VarMap], cfg: AdamWConfig) -> Result<Self> {
+        let mut vars: Vec<(String, Var)> = Vec::new();
+        for vm in varmaps {
+            let data = vm.data().lock().expect("varmap lock");
+            vars.extend(data.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(w) = vars.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(distill_core::Error::Msg(format!(
+                "two optimizer parameters are named {}",
+                w[0].0
+            )));
+        }
+        let params = vars
             .into_iter()
-            .map(|name| {
-                let var = data[name].clone();
+            .map(|(name, var)| {
                 let zeros = var.as_tensor().zeros_like()?;
                 Ok(Param {
-                    name: name.clone(),
-                    decay: decays(name),
+                    decay: decays(&name),
+                    name,
                     m: zeros.clone(),
                     v: zeros,
                     var,

@@ -118,6 +118,32 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
             )
         }
     };
+    for (on, what, why) in [
+        (
+            cfg.onpolicy.fraction > 0.0,
+            format!("onpolicy.fraction = {}", cfg.onpolicy.fraction),
+            "the teacher must score the student's own samples",
+        ),
+        (
+            cfg.hidden.weight > 0.0,
+            format!("hidden.weight = {}", cfg.hidden.weight),
+            "the teacher's hidden states are needed",
+        ),
+    ] {
+        match (&targets, on) {
+            (Targets::Cache(_), true) => {
+                return Err(Error::Msg(format!(
+                    "{what} needs a live teacher ({why}), and a teacher cache holds only output                      targets for the fixed text of the token shards: remove data.cache"
+                )))
+            }
+            (Targets::OneHot, true) => {
+                return Err(Error::Msg(format!(
+                    "{what} needs a teacher ({why}), and loss.alpha_kd = 0 without a cache runs                      none: set loss.alpha_kd > 0"
+                )))
+            }
+            _ => {}
+        }
+    }
     let train_limit = match &targets {
         Targets::Cache(c) => c.sequences("train"),
         Targets::Live { .. } | Targets::OneHot => train.len(),
@@ -193,6 +219,29 @@ impl Setup {
                 })
             }
         }
+    }
+
+    /// The live teacher's targets for `ids` (B, T) and its residual stream after the layers
+    /// `taps` (for the hidden-state loss), from one forward. Only for a live teacher (setup
+    /// refuses the runs that would need it otherwise).
+    pub(crate) fn live_outputs(
+        &self,
+        ids: &Tensor,
+        taps: &[usize],
+    ) -> Result<(TeacherTargets, Vec<Tensor>)> {
+        let Targets::Live { model, top_k } = &self.targets else {
+            return Err(Error::Msg(
+                "internal: live teacher outputs asked of a run without a live teacher".into(),
+            ));
+        };
+        let (hidden, states) = model.forward_with_hidden(ids, taps)?;
+        let targets = match top_k {
+            0 => TeacherTargets::Dense {
+                logits: model.logits(&hidden)?,
+            },
+            k => distill_teacher::cache::sparse_targets_from_hidden(model, &hidden, *k)?,
+        };
+        Ok((targets, states))
     }
 
     /// Next-token labels of a batch, [`IGNORE`](crate::loss::IGNORE) where the next token is not

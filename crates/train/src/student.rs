@@ -264,3 +264,24 @@ pub fn freeze(
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
     Ok((CausalLm::load(vb, cfg)?, frozen))
 }
+
+/// A copy of the student that tracks no gradient (its weights detached from the VarMap's and
+/// frozen tensors, its input projections fused as a teacher's are): for sampling its own
+/// continuations between updates. Built again after each update; the weights are shared, not
+/// copied, except where projections are fused.
+pub fn frozen_copy(
+    cfg: &Config,
+    varmap: &VarMap,
+    frozen: &HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<CausalLm> {
+    let mut tensors: HashMap<String, Tensor> = distill_core::weights::varmap_tensors(varmap)
+        .into_iter()
+        .map(|(k, v)| (k, v.detach()))
+        .collect();
+    tensors.extend(frozen.iter().map(|(k, v)| (k.clone(), v.detach())));
+    Ok(CausalLm::load(
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+        cfg,
+    )?)
+}

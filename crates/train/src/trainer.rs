@@ -6,15 +6,18 @@
 
 use crate::checkpoint::{self, Trainable};
 use crate::config::RunConfig;
-use crate::loss::distill_loss;
+use crate::hidden::{HiddenSpec, Projections};
+use crate::loss::{distill_loss, LossParts, IGNORE};
 use crate::optim::{clip_grads, grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::setup::{setup, Setup};
 use crate::student::build_student;
 use candle_core::Tensor;
 use candle_nn::VarMap;
-use distill_core::run_dir::{EvalMetrics, Record, RunDir, StepMetrics, TrainerState};
+use distill_core::run_dir::{
+    EvalMetrics, Record, RunDir, StepMetrics, StepSeconds, TrainerState, PROJECTION_FILE,
+};
 use distill_core::shards::BatchReader;
-use distill_core::{CausalLm, Config, Error, Result};
+use distill_core::{CausalLm, Config, Error, Result, TeacherTargets};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -52,12 +55,14 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
-/// The student being trained: its forward, its variables and what is frozen out of them.
+/// The student being trained: its forward, its variables and what is frozen out of them, and
+/// the hidden-state loss's layer map and projections when the run has one.
 struct Student {
     model: CausalLm,
     varmap: VarMap,
     cfg: Config,
     frozen: HashMap<String, Tensor>,
+    hidden: Option<(HiddenSpec, Projections)>,
 }
 
 /// Builds the student (from a checkpoint's weights when resuming), then freezes what the config
@@ -79,11 +84,28 @@ fn student(s: &Setup, resume_from: Option<&Path>) -> Result<Student> {
         s.loss.teacher_vocab.unwrap_or(s.teacher_cfg.vocab_size),
         s.tokenizer.vocab_size(),
     )?;
+    let hidden = match crate::hidden::resolve(cfg, &scfg, &s.teacher_cfg)? {
+        Some(spec) => {
+            let mut proj = Projections::new(
+                &spec,
+                scfg.hidden_size,
+                s.teacher_cfg.hidden_size,
+                cfg.student.seed,
+                &s.device,
+            )?;
+            if let Some(last) = resume_from.filter(|_| !proj.is_empty()) {
+                proj.load(&last.join(PROJECTION_FILE))?;
+            }
+            Some((spec, proj))
+        }
+        None => None,
+    };
     Ok(Student {
         model,
         varmap,
         cfg: scfg,
         frozen,
+        hidden,
     })
 }
 
@@ -107,9 +129,155 @@ struct StepLoss {
     loss: f32,
     kd: f32,
     ce: f32,
+    hidden: Option<f32>,
+    on_policy_kd: Option<f32>,
     norm: f64,
     lr: f64,
     tokens: u64,
+    seconds: StepSeconds,
+}
+
+/// One micro-batch ready for the student: its ids, the teacher's targets and hidden states,
+/// the labels (IGNORE where a position takes no part) and the loss settings.
+struct MicroBatch {
+    input: Tensor,
+    targets: TeacherTargets,
+    teacher_hidden: Vec<Tensor>,
+    labels: Vec<u32>,
+    loss: crate::loss::LossConfig,
+    on_policy: bool,
+    tokens: u64,
+}
+
+/// The seed of micro-batch `k`'s sampler: a function of the run's seed and the position in the
+/// run, so a resumed run draws exactly what an uninterrupted one would.
+fn sample_seed(seed: u64, k: u64) -> u64 {
+    let mut x = seed ^ (k.wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 31;
+    x.wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
+
+/// An off-policy micro-batch: sequences of the token shards, the teacher's targets for them (a
+/// cache, the live teacher, or the text's own next tokens).
+fn off_policy_batch(
+    s: &Setup,
+    st: &Student,
+    seqs: &[usize],
+    seconds: &mut StepSeconds,
+) -> Result<MicroBatch> {
+    let (ids, input) = s.batch(&s.train, seqs)?;
+    let timer = Instant::now();
+    let (targets, teacher_hidden) = match &st.hidden {
+        Some((spec, _)) => s.live_outputs(&input, &spec.teacher_layers())?,
+        None => (s.targets("train", seqs, &input)?, Vec::new()),
+    };
+    seconds.teacher += timer.elapsed().as_secs_f64();
+    Ok(MicroBatch {
+        labels: s.labels(&s.train, seqs, &ids),
+        tokens: (seqs.len() * s.train.seq_len()) as u64,
+        input,
+        targets,
+        teacher_hidden,
+        loss: s.loss,
+        on_policy: false,
+    })
+}
+
+/// An on-policy micro-batch: the student continues the first `prompt_tokens` ids of each
+/// sequence (sampled from a gradient-free copy of itself, with the KV cache, all rows at once),
+/// the live teacher scores the whole sequence, and the KD loss covers the generated positions
+/// only, without cross-entropy (the tokens are the student's own).
+fn on_policy_batch(
+    s: &Setup,
+    st: &Student,
+    seqs: &[usize],
+    k: u64,
+    seconds: &mut StepSeconds,
+) -> Result<MicroBatch> {
+    let o = &s.cfg.onpolicy;
+    let p = o.prompt_tokens.min(s.train.seq_len() - 1);
+    let prompts: Vec<u32> = seqs
+        .iter()
+        .flat_map(|&i| s.train.sequence(i)[..p].to_vec())
+        .collect();
+    let timer = Instant::now();
+    let sampler = crate::student::frozen_copy(&st.cfg, &st.varmap, &st.frozen, &s.device)?;
+    let params = distill_teacher::generate::SamplingParams {
+        temperature: o.temperature,
+        top_p: 1.0,
+        seed: sample_seed(s.cfg.train.seed, k),
+        max_new_tokens: o.max_new_tokens,
+    };
+    let sample = distill_teacher::generate::sample_batch(
+        &sampler,
+        &prompts,
+        seqs.len(),
+        &s.tokenizer.stop_ids(),
+        &params,
+    )?;
+    drop(sampler);
+    seconds.sample += timer.elapsed().as_secs_f64();
+    let t = sample.seq_len();
+    let input = Tensor::from_vec(sample.ids.clone(), (seqs.len(), t), &s.device)?;
+    let timer = Instant::now();
+    let taps = st
+        .hidden
+        .as_ref()
+        .map(|(spec, _)| spec.teacher_layers())
+        .unwrap_or_default();
+    let (targets, teacher_hidden) = s.live_outputs(&input, &taps)?;
+    seconds.teacher += timer.elapsed().as_secs_f64();
+    Ok(MicroBatch {
+        input,
+        targets,
+        teacher_hidden,
+        labels: on_policy_labels(&sample),
+        loss: crate::loss::LossConfig {
+            alpha_ce: 0.0,
+            ..s.loss
+        },
+        on_policy: true,
+        tokens: (seqs.len() * t) as u64,
+    })
+}
+
+/// Labels of an on-policy batch: position i predicts token i+1 only where that token is one the
+/// student generated (not the prompt, not the padding after a stop token).
+fn on_policy_labels(sample: &distill_teacher::generate::BatchSample) -> Vec<u32> {
+    let t = sample.seq_len();
+    let mut labels = vec![IGNORE; sample.rows * t];
+    for b in 0..sample.rows {
+        for i in 0..t - 1 {
+            if sample.is_generated(b, i + 1) {
+                labels[b * t + i] = sample.ids[b * t + i + 1];
+            }
+        }
+    }
+    labels
+}
+
+/// The student's loss on a micro-batch: the KD (+ CE) loss, plus the weighted hidden-state term.
+fn micro_loss(st: &Student, mb: &MicroBatch) -> Result<(LossParts, Option<f32>)> {
+    match &st.hidden {
+        None => {
+            let logits = st.model.forward(&mb.input)?;
+            Ok((
+                distill_loss(&logits, &mb.targets, &mb.labels, &mb.loss)?,
+                None,
+            ))
+        }
+        Some((spec, proj)) => {
+            let (hidden, states) = st
+                .model
+                .forward_with_hidden(&mb.input, &spec.student_layers())?;
+            let logits = st.model.logits(&hidden)?;
+            let mut parts = distill_loss(&logits, &mb.targets, &mb.labels, &mb.loss)?;
+            let h = proj.loss(spec.kind, &states, &mb.teacher_hidden)?;
+            let hv = h.to_scalar::<f32>()?;
+            parts.total = (parts.total + (h * spec.weight as f64)?)?;
+            Ok((parts, Some(hv)))
+        }
+    }
 }
 
 /// Forward and backward over `grad_accum` micro-batches, clipping, and the AdamW update at `lr`.
@@ -125,16 +293,27 @@ fn optimizer_step(
     let t = &s.cfg.train;
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let (mut loss_sum, mut kd_sum, mut ce_sum, mut tokens) = (0f32, 0f32, 0f32, 0u64);
-    for _ in 0..t.grad_accum {
+    let (mut hidden_sum, mut on_kd_sum, mut on_n) = (0f32, 0f32, 0u32);
+    let mut seconds = StepSeconds::default();
+    for m in 0..t.grad_accum {
         let seqs = reader.next_indices(t.batch_size);
-        let (ids, input) = s.batch(&s.train, &seqs)?;
-        let targets = s.targets("train", &seqs, &input)?;
-        let logits = st.model.forward(&input)?;
-        let labels = s.labels(&s.train, &seqs, &ids);
-        let parts = distill_loss(&logits, &targets, &labels, &s.loss)?;
+        let k = (step - 1) * t.grad_accum as u64 + m as u64;
+        let mb = if s.cfg.onpolicy.is_on_policy(k) {
+            on_policy_batch(s, st, &seqs, k, &mut seconds)?
+        } else {
+            off_policy_batch(s, st, &seqs, &mut seconds)?
+        };
+        let timer = Instant::now();
+        let (parts, hidden) = micro_loss(st, &mb)?;
         loss_sum += parts.total.to_scalar::<f32>()?;
         kd_sum += parts.kd;
         ce_sum += parts.ce;
+        hidden_sum += hidden.unwrap_or(0.0);
+        if mb.on_policy {
+            on_kd_sum += parts.kd;
+            on_n += 1;
+        }
+        tokens += mb.tokens;
         let g = (parts.total / t.grad_accum as f64)?.backward()?;
         for (name, var) in opt.vars() {
             let gi = g
@@ -148,8 +327,9 @@ fn optimizer_step(
                 }
             }
         }
-        tokens += (seqs.len() * s.train.seq_len()) as u64;
+        seconds.update += timer.elapsed().as_secs_f64();
     }
+    let timer = Instant::now();
     let n = t.grad_accum as f32;
     let (loss, kd, ce) = (loss_sum / n, kd_sum / n, ce_sum / n);
     let norm = grad_norm(&grads)?;
@@ -166,13 +346,17 @@ fn optimizer_step(
     clip_grads(&mut grads, norm, t.grad_clip)?;
     let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
     opt.step(&grads, lr)?;
+    seconds.update += timer.elapsed().as_secs_f64();
     Ok(StepLoss {
         loss,
         kd,
         ce,
+        hidden: st.hidden.as_ref().map(|_| hidden_sum / n),
+        on_policy_kd: (on_n > 0).then(|| on_kd_sum / on_n as f32),
         norm,
         lr,
         tokens,
+        seconds,
     })
 }
 
@@ -217,8 +401,12 @@ pub fn train(
     let t = &s.cfg.train;
     let resume_from = checkpoint::resume_point(&run, opts.resume)?;
     let st = student(&s, resume_from.as_deref())?;
-    let mut opt = AdamW::new(
-        &st.varmap,
+    let mut varmaps = vec![&st.varmap];
+    if let Some((_, proj)) = &st.hidden {
+        varmaps.push(&proj.varmap);
+    }
+    let mut opt = AdamW::over(
+        &varmaps,
         AdamWConfig {
             beta1: t.beta1,
             beta2: t.beta2,
@@ -251,6 +439,11 @@ pub fn train(
             opt,
             tokenizer: &s.tokenizer,
             card: checkpoint::card(&s.cfg, &st.cfg, &s.train.meta, state, eval),
+            projections: st
+                .hidden
+                .as_ref()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(_, p)| p.tensors()),
         };
         checkpoint::save(dir, &what, state)
     };
@@ -284,6 +477,9 @@ pub fn train(
             grad_norm: l.norm,
             tokens_per_second: window_tokens as f64 / window_start.elapsed().as_secs_f64(),
             elapsed: state.elapsed_seconds,
+            hidden: l.hidden,
+            on_policy_kd: l.on_policy_kd,
+            seconds: Some(l.seconds),
         };
         on_event(Event::Step(&m));
         let is_last = step == t.max_steps;
@@ -331,4 +527,42 @@ pub fn train(
 /// Reads a run's config back (for `--resume`).
 pub fn run_config(run: &Path) -> Result<RunConfig> {
     RunConfig::load(&RunDir::new(run).existing_config()?, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_teacher::generate::BatchSample;
+
+    #[test]
+    fn on_policy_labels_cover_the_generated_positions_only() {
+        // Two rows, prompts of 3, 4 new positions; row 1 drew the stop token 9 as its second.
+        let sample = BatchSample {
+            ids: vec![1, 2, 3, 10, 11, 12, 13, 4, 5, 6, 20, 9, 9, 9],
+            rows: 2,
+            prompt_len: 3,
+            new_tokens: 4,
+            generated: vec![4, 2],
+        };
+        let x = IGNORE;
+        assert_eq!(
+            on_policy_labels(&sample),
+            [x, x, 10, 11, 12, 13, x, x, x, 20, 9, x, x, x],
+            "the prompt's own next tokens, the padding after a stop and each row's last \
+             position take no part; the stop token itself is learnt"
+        );
+        // Off-policy/on-policy micro-batches follow λ over the whole run.
+        let o = crate::config::OnPolicySection {
+            fraction: 0.25,
+            ..Default::default()
+        };
+        let on: Vec<u64> = (0..12).filter(|&k| o.is_on_policy(k)).collect();
+        assert_eq!(on, [3, 7, 11]);
+        let all = crate::config::OnPolicySection {
+            fraction: 1.0,
+            ..Default::default()
+        };
+        assert!((0..10).all(|k| all.is_on_policy(k)));
+        assert!((0..10).all(|k| !crate::config::OnPolicySection::default().is_on_policy(k)));
+    }
 }

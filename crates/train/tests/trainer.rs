@@ -474,3 +474,141 @@ fn a_student_from_a_model_dir_with_frozen_embeddings_resumes_bit_identically() {
         std::fs::read(halves.join("final/model.safetensors")).unwrap()
     );
 }
+
+/// On-policy batches (λ = 0.5, so both kinds alternate inside one optimizer step) with a
+/// hidden-state loss through a learned projection (a student half the teacher's width).
+const ON_POLICY_HIDDEN: [&str; 10] = [
+    "onpolicy.fraction=0.5",
+    "onpolicy.prompt_tokens=8",
+    "onpolicy.max_new_tokens=8",
+    "hidden.weight=0.5",
+    "hidden.kind=\"mse\"",
+    "hidden.layers=[[0, 0], [1, 1]]",
+    "student.hidden=16",
+    "train.grad_accum=2",
+    "train.max_steps=12",
+    "train.eval_every=5",
+];
+
+#[test]
+fn on_policy_and_hidden_state_runs_train_log_and_resume_bit_identically() {
+    let f = fixture(false);
+    let mut sets = ON_POLICY_HIDDEN.to_vec();
+    sets.push("train.checkpoint_every=100");
+    let straight = f.root.join("straight");
+    run(config(&f, false, &sets), &straight, false, None).unwrap();
+    let steps = metrics(&straight, "train");
+    assert_eq!(steps.len(), 12);
+    for s in &steps {
+        // One of the two micro-batches of every step is on-policy; both carry the hidden term.
+        assert!(s["on_policy_kd"].as_f64().unwrap() >= 0.0, "{s}");
+        assert!(s["hidden"].as_f64().unwrap() > 0.0, "{s}");
+        let t = &s["seconds"];
+        assert!(t["sample"].as_f64().unwrap() > 0.0 && t["teacher"].as_f64().unwrap() > 0.0);
+    }
+    // The projection is saved beside the model, never in it; transformers' dir stays a model.
+    let fin = straight.join("final");
+    let proj =
+        candle_core::safetensors::load(fin.join("hidden_projection.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(proj["hidden_proj.0.weight"].dims(), &[32, 16]);
+    let model =
+        candle_core::safetensors::load(fin.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(model.keys().all(|k| !k.starts_with("hidden_proj")));
+    distill_core::load_model(&fin, &Device::Cpu).unwrap();
+
+    // Interrupted after step 6 and resumed: the sampler's seeds follow the step, so the run
+    // draws the same continuations and ends with the same weights, moments and projections.
+    let halves = f.root.join("halves");
+    run(config(&f, false, &sets), &halves, false, Some(6)).unwrap();
+    run(config(&f, false, &sets), &halves, true, None).unwrap();
+    assert_eq!(losses(&straight), losses(&halves));
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "hidden_projection.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(straight.join("final").join(file)).unwrap(),
+            std::fs::read(halves.join("final").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn on_policy_and_hidden_state_refuse_a_cache_and_a_missing_teacher() {
+    let f = fixture(true);
+    for (set, what) in [
+        ("onpolicy.fraction=0.5", "onpolicy.fraction"),
+        ("hidden.weight=1.0", "hidden.weight"),
+    ] {
+        let err = run(
+            config(&f, true, &[set, "hidden.layers=[[0, 0]]"]),
+            &f.root.join("cached"),
+            false,
+            None,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains(what) && err.contains("live teacher") && err.contains("remove data.cache"),
+            "{err}"
+        );
+        let err = run(
+            config(
+                &f,
+                false,
+                &[
+                    set,
+                    "hidden.layers=[[0, 0]]",
+                    "loss.alpha_kd=0",
+                    "loss.alpha_ce=1",
+                ],
+            ),
+            &f.root.join("textonly"),
+            false,
+            None,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains(what) && err.contains("alpha_kd"), "{err}");
+    }
+    // A layer map beyond either model, and none at all for a student that was not pruned.
+    let err = run(
+        config(&f, false, &["hidden.weight=1.0", "hidden.layers=[[0, 7]]"]),
+        &f.root.join("beyond"),
+        false,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("[0, 7]") && err.contains("teacher 2"), "{err}");
+    let err = run(
+        config(&f, false, &["hidden.weight=1.0"]),
+        &f.root.join("nomap"),
+        false,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("layer map") && err.contains("hidden.layers"),
+        "{err}"
+    );
+    for (set, what) in [
+        ("onpolicy.fraction=1.5", "onpolicy.fraction"),
+        ("hidden.kind=\"l1\"", "hidden.kind"),
+        ("onpolicy.temperature=-1", "onpolicy.temperature"),
+    ] {
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+        let err = RunConfig::load(&tiny, &[set.to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(what), "{err}");
+    }
+}
