@@ -131,6 +131,7 @@ fn main() -> Result<()> {
         resume: false,
         max_retries: 3,
         limit: None,
+        completions: false,
     };
     let t0 = Instant::now();
     for (prompts, out) in [

@@ -42,6 +42,9 @@ pub struct CollectOptions {
     pub max_retries: u32,
     /// Only the first N prompts.
     pub limit: Option<usize>,
+    /// Ask `POST /v1/completions` with each prompt as plain text (the user turns' text joined
+    /// by newlines) instead of the chat endpoint; `top_logprobs` ≤ 5 there.
+    pub completions: bool,
 }
 
 /// What `collect.json` records; a resumed run must ask for the same.
@@ -56,6 +59,9 @@ pub struct CollectMeta {
     pub temperature: f64,
     pub seed: Option<u64>,
     pub system: Option<String>,
+    /// Asked of the plain-text completions endpoint (not chat).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub completions: bool,
 }
 
 /// One line of `responses.jsonl`.
@@ -280,6 +286,12 @@ pub async fn collect(
             "--top-logprobs: at most 20 (OpenAI's limit)".into(),
         ));
     }
+    if opts.completions && opts.top_logprobs.is_some_and(|k| k > 5) {
+        return Err(Error::Msg(
+            "--top-logprobs: at most 5 with --completions (the completions endpoint's limit)"
+                .into(),
+        ));
+    }
     let base = api_base(&opts.endpoint);
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
@@ -318,6 +330,7 @@ pub async fn collect(
         temperature: opts.temperature,
         seed: opts.seed,
         system: opts.system.clone(),
+        completions: opts.completions,
     };
     let meta_path = opts.out.join("collect.json");
     let responses = opts.out.join("responses.jsonl");
@@ -346,6 +359,9 @@ pub async fn collect(
             differ.push(
                 "sampling settings (top_logprobs, max_tokens, temperature, seed, system)".into(),
             );
+        }
+        if old.completions != meta.completions {
+            differ.push("endpoint (chat or plain-text completions)".into());
         }
         if !differ.is_empty() {
             return Err(Error::file(
@@ -379,7 +395,10 @@ pub async fn collect(
     on_progress(&progress);
     let requester = std::sync::Arc::new(Requester {
         http,
-        url: format!("{base}/chat/completions"),
+        url: match opts.completions {
+            true => format!("{base}/completions"),
+            false => format!("{base}/chat/completions"),
+        },
         api_key: opts.api_key.clone(),
         max_retries: opts.max_retries,
     });
@@ -395,13 +414,23 @@ pub async fn collect(
             messages.push(ChatMessage::new("system", s));
         }
         messages.extend(user);
-        let mut body = json!({
-            "model": model, "messages": messages, "max_tokens": opts.max_tokens,
-            "temperature": opts.temperature,
-        });
-        if let Some(k) = opts.top_logprobs {
-            body["logprobs"] = json!(true);
-            body["top_logprobs"] = json!(k);
+        let mut body = match opts.completions {
+            true => json!({
+                "model": model, "max_tokens": opts.max_tokens, "temperature": opts.temperature,
+                "prompt": messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
+            }),
+            false => json!({
+                "model": model, "messages": messages, "max_tokens": opts.max_tokens,
+                "temperature": opts.temperature,
+            }),
+        };
+        match (opts.top_logprobs, opts.completions) {
+            (Some(k), false) => {
+                body["logprobs"] = json!(true);
+                body["top_logprobs"] = json!(k);
+            }
+            (Some(k), true) => body["logprobs"] = json!(k),
+            (None, _) => {}
         }
         if let Some(s) = opts.seed {
             body["seed"] = json!(s.wrapping_add(index as u64));
@@ -455,16 +484,23 @@ fn parse_answer(
     v: &Value,
 ) -> std::result::Result<Collected, String> {
     let choice = &v["choices"][0];
-    let completion = choice["message"]["content"]
-        .as_str()
-        .ok_or_else(|| "response has no choices[0].message.content".to_string())?
-        .to_string();
-    let logprobs = match &choice["logprobs"]["content"] {
-        Value::Null => None,
-        c => Some(
-            serde_json::from_value::<Vec<TokenInfo>>(c.clone())
-                .map_err(|e| format!("bad logprobs.content: {e}"))?,
-        ),
+    let (completion, logprobs) = match choice["text"].as_str() {
+        // The plain-text completions endpoint.
+        Some(text) => (text.to_string(), completions_logprobs(&choice["logprobs"])?),
+        None => {
+            let completion = choice["message"]["content"]
+                .as_str()
+                .ok_or_else(|| "response has no choices[0].message.content".to_string())?
+                .to_string();
+            let logprobs = match &choice["logprobs"]["content"] {
+                Value::Null => None,
+                c => Some(
+                    serde_json::from_value::<Vec<TokenInfo>>(c.clone())
+                        .map_err(|e| format!("bad logprobs.content: {e}"))?,
+                ),
+            };
+            (completion, logprobs)
+        }
     };
     Ok(Collected {
         index,
@@ -477,9 +513,66 @@ fn parse_answer(
     })
 }
 
+/// The completions endpoint's `logprobs` object (parallel `tokens`, `token_logprobs`, and
+/// `top_logprobs` maps of token → logprob) as chat-style tokens, alternatives most likely first.
+fn completions_logprobs(v: &Value) -> std::result::Result<Option<Vec<TokenInfo>>, String> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let bad = |what: &str| format!("bad completions logprobs: {what}");
+    let tokens = v["tokens"].as_array().ok_or_else(|| bad("no tokens"))?;
+    let lps = v["token_logprobs"]
+        .as_array()
+        .ok_or_else(|| bad("no token_logprobs"))?;
+    let tops = v["top_logprobs"].as_array();
+    let mut out = Vec::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        let mut top: Vec<TopInfo> = tops
+            .and_then(|a| a.get(i))
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, lp)| {
+                        lp.as_f64().map(|logprob| TopInfo {
+                            token: k.clone(),
+                            logprob,
+                            bytes: None,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+        out.push(TokenInfo {
+            token: t
+                .as_str()
+                .ok_or_else(|| bad("a token is not a string"))?
+                .to_string(),
+            logprob: lps.get(i).and_then(Value::as_f64).unwrap_or(f64::NAN),
+            bytes: None,
+            top_logprobs: top,
+        });
+    }
+    Ok(Some(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completions_answers_parse_into_chat_style_tokens() {
+        let v = json!({"model": "m", "choices": [{"text": " the cat", "finish_reason": "length",
+            "logprobs": {"tokens": [" the", " cat"], "token_logprobs": [-0.5, -1.0],
+                "top_logprobs": [{" a": -1.5, " the": -0.5}, {" cat": -1.0}]}}]});
+        let c = parse_answer(3, vec![ChatMessage::new("user", "p")], &v).unwrap();
+        assert_eq!(c.completion, " the cat");
+        let lp = c.logprobs.unwrap();
+        assert_eq!(lp[0].token, " the");
+        assert_eq!(lp[0].top_logprobs[0].token, " the"); // most likely first
+        assert_eq!(lp[0].top_logprobs[1].token, " a");
+        assert_eq!(lp[1].top_logprobs.len(), 1);
+    }
 
     #[test]
     fn base_urls() {

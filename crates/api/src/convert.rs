@@ -86,6 +86,13 @@ struct Sample {
 
 pub fn prepare_collected(opts: &PrepareCollectedOptions) -> Result<PrepareCollectedSummary> {
     let (meta, answers) = read_collection(&opts.collected)?;
+    if meta.completions {
+        return Err(Error::file(
+            opts.collected.join("collect.json"),
+            "a --completions collection (plain-text prompts): prepare-collected builds \
+             chat-template sequences and needs a chat collection",
+        ));
+    }
     if opts.out.exists() {
         return Err(Error::file(
             &opts.out,

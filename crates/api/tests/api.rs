@@ -504,6 +504,7 @@ async fn quotas_answer_429_and_collect_backs_off_and_completes() {
         resume: false,
         max_retries: 3,
         limit: None,
+        completions: false,
     };
     let summary = collect(&opts, |_| {}).await.unwrap();
     assert!(summary.failures.is_empty(), "{:?}", summary.failures);
@@ -635,6 +636,7 @@ async fn collected_answers_become_masked_tokens_and_api_targets_that_train_a_stu
         resume: false,
         max_retries: 1,
         limit: None,
+        completions: false,
     };
     collect(&opts, |_| {}).await.unwrap();
     let out = dir.path().join("prepared");

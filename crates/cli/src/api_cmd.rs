@@ -143,6 +143,9 @@ pub struct CollectArgs {
     /// Only the first N prompts.
     #[arg(long)]
     limit: Option<usize>,
+    /// Ask the plain-text completions endpoint (each prompt's text as `prompt`) instead of chat.
+    #[arg(long)]
+    completions: bool,
 }
 
 pub fn collect_cmd(a: CollectArgs) -> Result<()> {
@@ -164,6 +167,7 @@ pub fn collect_cmd(a: CollectArgs) -> Result<()> {
         resume: a.resume,
         max_retries: a.max_retries,
         limit: a.limit,
+        completions: a.completions,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let tty = std::io::stderr().is_terminal();

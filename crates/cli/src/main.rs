@@ -14,6 +14,8 @@ mod api_cmd;
 mod cache_cmd;
 mod eval_cmd;
 mod progress;
+#[cfg(feature = "api")]
+mod provenance_cmd;
 mod prune_cmd;
 mod train_cmd;
 
@@ -57,6 +59,14 @@ enum Command {
     /// Turn collected answers into masked token shards and (with logprobs) a teacher cache.
     #[cfg(feature = "api")]
     PrepareCollected(api_cmd::PrepareCollectedArgs),
+    /// Was a suspect model distilled from a teacher? A statistical test against independent
+    /// references, white-box (model dirs on token shards) or black-box (dirs or API endpoints).
+    #[cfg(feature = "api")]
+    Provenance(provenance_cmd::ProvenanceArgs),
+    /// (needs the `api` feature: `cargo build --release`)
+    #[cfg(not(feature = "api"))]
+    #[command(name = "provenance", disable_help_flag = true)]
+    ProvenanceUnbuilt(WithoutApi),
     /// (needs the `api` feature: `cargo build --release`)
     #[cfg(not(feature = "api"))]
     #[command(name = "serve", disable_help_flag = true)]
@@ -307,13 +317,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Collect(a) => api_cmd::collect_cmd(a),
         #[cfg(feature = "api")]
         Command::PrepareCollected(a) => api_cmd::prepare_collected_cmd(a),
+        #[cfg(feature = "api")]
+        Command::Provenance(a) => provenance_cmd::run(a),
         #[cfg(not(feature = "api"))]
         Command::ServeUnbuilt(_)
         | Command::CollectUnbuilt(_)
-        | Command::PrepareCollectedUnbuilt(_) => {
+        | Command::PrepareCollectedUnbuilt(_)
+        | Command::ProvenanceUnbuilt(_) => {
             anyhow::bail!(
                 "this distill binary was built without the `api` feature (serve, collect, \
-                 prepare-collected): scripts/quickstart.sh builds it so, to save build time; \
+                 prepare-collected, provenance): scripts/quickstart.sh builds it so, to save build time; \
                  `cargo build --release` builds the full one"
             )
         }
