@@ -117,43 +117,8 @@ pub struct CollectSummary {
     pub responses: PathBuf,
 }
 
-/// A prompts file: one prompt per non-empty line, or a JSON object per line with `"prompt"`
-/// (text) or `"messages"` (chat turns).
-pub fn read_prompts(path: &Path) -> Result<Vec<Vec<ChatMessage>>> {
-    let text = read_text(path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if line.starts_with('{') {
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| Error::file(path, format!("line {}: bad JSON: {e}", i + 1)))?;
-            if let Some(p) = v.get("prompt").and_then(Value::as_str) {
-                out.push(vec![ChatMessage::new("user", p)]);
-            } else if let Some(m) = v.get("messages") {
-                let msgs: Vec<ChatMessage> = serde_json::from_value(m.clone())
-                    .map_err(|e| Error::file(path, format!("line {}: bad messages: {e}", i + 1)))?;
-                out.push(msgs);
-            } else {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "line {}: a JSON line needs \"prompt\" or \"messages\"",
-                        i + 1
-                    ),
-                ));
-            }
-        } else {
-            out.push(vec![ChatMessage::new("user", line)]);
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::file(path, "no prompts (expected one per line)"));
-    }
-    Ok(out)
-}
+/// A prompts file (one owner: `distill_core::prompts`).
+pub use distill_core::prompts::read_prompts;
 
 /// `http://h:p`, `http://h:p/`, `http://h:p/v1/` → `http://h:p/v1`.
 pub fn api_base(endpoint: &str) -> String {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use distill_api::client::{collect, CollectOptions, Collected};
 use distill_core::shards::TokenShards;
-use distill_core::{parse_device, ChatMessage, ModelDir};
+use distill_core::{parse_device, ModelDir};
 use distill_eval::provenance::{
     black_box_similarities, markdown, test, white_box_similarities, write_report, Answers,
     TestOptions,
@@ -311,7 +311,8 @@ fn answers_of(
             };
             let mut texts = Vec::with_capacity(n);
             for messages in &all[..n] {
-                let ids = prompt_ids(&md, messages, a.completions)?;
+                let ids =
+                    distill_core::prompts::encode_prompt(&md.tokenizer, messages, !a.completions)?;
                 let g = generate(&md.model, &ids, &md.tokenizer.stop_ids(), &params, |_| {
                     Ok(())
                 })?;
@@ -395,21 +396,4 @@ fn answers_of(
             })
         }
     }
-}
-
-/// A prompt as the server would see it: the turns' text joined (as `collect --completions`
-/// sends it) for completions, else the chat template with the generation prompt when the
-/// tokenizer has one.
-fn prompt_ids(md: &ModelDir, messages: &[ChatMessage], completions: bool) -> Result<Vec<u32>> {
-    let plain = || {
-        let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-        md.tokenizer.encode(&text.join("\n"), true)
-    };
-    if completions {
-        return Ok(plain()?);
-    }
-    Ok(match md.tokenizer.apply_chat_template(messages, true) {
-        Ok(text) => md.tokenizer.encode(&text, false)?,
-        Err(_) => plain()?,
-    })
 }

@@ -14,6 +14,7 @@ pub mod model_card;
 pub mod model_dir;
 pub mod ops;
 pub mod prepare;
+pub mod prompts;
 pub mod run_dir;
 pub mod shards;
 pub mod testing;

@@ -43,6 +43,11 @@ pub struct OnPolicySection {
     pub max_new_tokens: usize,
     /// Sampling temperature of the student's continuations (1 = its own distribution).
     pub temperature: f64,
+    /// Prompts to continue instead of shard prefixes: a prompts file (one per line, or JSONL
+    /// with "prompt" or "messages"), rendered with the chat template when the teacher's
+    /// tokenizer has one; taken in turn, each cut to its last `prompt_tokens` ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PathBuf>,
 }
 
 impl Default for OnPolicySection {
@@ -52,6 +57,7 @@ impl Default for OnPolicySection {
             prompt_tokens: 64,
             max_new_tokens: 64,
             temperature: 1.0,
+            prompts: None,
         }
     }
 }

@@ -70,6 +70,8 @@ pub(crate) struct Setup {
     /// Sequences of the train split that can be used (a cache may cover a prefix).
     pub(crate) train_limit: usize,
     pub(crate) loss: LossConfig,
+    /// On-policy prompts from `onpolicy.prompts`, tokenized (None: shard prefixes).
+    pub(crate) onpolicy_prompts: Option<Vec<Vec<u32>>>,
 }
 
 pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
@@ -164,7 +166,26 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
         }
         _ => None,
     };
+    let onpolicy_prompts = match &cfg.onpolicy.prompts {
+        Some(path) if cfg.onpolicy.fraction > 0.0 => {
+            let keep = cfg.onpolicy.prompt_tokens;
+            let mut out = Vec::new();
+            for (i, messages) in distill_core::prompts::read_prompts(path)?
+                .iter()
+                .enumerate()
+            {
+                let ids = distill_core::prompts::encode_prompt(&tokenizer, messages, true)?;
+                if ids.is_empty() {
+                    return Err(Error::file(path, format!("prompt {} has no tokens", i + 1)));
+                }
+                out.push(ids[ids.len().saturating_sub(keep)..].to_vec());
+            }
+            Some(out)
+        }
+        _ => None,
+    };
     Ok(Setup {
+        onpolicy_prompts,
         eval_teacher,
         cfg,
         device,

@@ -195,11 +195,6 @@ fn on_policy_batch(
     seconds: &mut StepSeconds,
 ) -> Result<MicroBatch> {
     let o = &s.cfg.onpolicy;
-    let p = o.prompt_tokens.min(s.train.seq_len() - 1);
-    let prompts: Vec<u32> = seqs
-        .iter()
-        .flat_map(|&i| s.train.sequence(i)[..p].to_vec())
-        .collect();
     let timer = Instant::now();
     let sampler = crate::student::frozen_copy(&st.cfg, &st.varmap, &st.frozen, &s.device)?;
     let params = distill_teacher::generate::SamplingParams {
@@ -208,17 +203,41 @@ fn on_policy_batch(
         seed: sample_seed(s.cfg.train.seed, k),
         max_new_tokens: o.max_new_tokens,
     };
-    let sample = distill_teacher::generate::sample_batch(
-        &sampler,
-        &prompts,
-        seqs.len(),
-        &s.tokenizer.stop_ids(),
-        &params,
-    )?;
+    let stop = s.tokenizer.stop_ids();
+    let samples = match &s.onpolicy_prompts {
+        // Shard prefixes: one length, one batch.
+        None => {
+            let p = o.prompt_tokens.min(s.train.seq_len() - 1);
+            let prompts: Vec<u32> = seqs
+                .iter()
+                .flat_map(|&i| s.train.sequence(i)[..p].to_vec())
+                .collect();
+            vec![distill_teacher::generate::sample_batch(
+                &sampler,
+                &prompts,
+                seqs.len(),
+                &stop,
+                &params,
+            )?]
+        }
+        // Prompts of a file, taken in turn (a function of the micro-batch's place in the run):
+        // their lengths differ, so each row samples alone, with its own seed.
+        Some(prompts) => (0..seqs.len())
+            .map(|b| {
+                let prompt = &prompts[(k as usize * seqs.len() + b) % prompts.len()];
+                let row = distill_teacher::generate::SamplingParams {
+                    seed: params.seed ^ (b as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
+                    ..params.clone()
+                };
+                distill_teacher::generate::sample_batch(&sampler, prompt, 1, &stop, &row)
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
     drop(sampler);
     seconds.sample += timer.elapsed().as_secs_f64();
-    let t = sample.seq_len();
-    let input = Tensor::from_vec(sample.ids.clone(), (seqs.len(), t), &s.device)?;
+    let pad = stop.first().copied().unwrap_or(0);
+    let (ids, t, labels) = on_policy_rows(&samples, pad);
+    let input = Tensor::from_vec(ids, (seqs.len(), t), &s.device)?;
     let timer = Instant::now();
     let taps = st
         .hidden
@@ -231,7 +250,7 @@ fn on_policy_batch(
         input,
         targets,
         teacher_hidden,
-        labels: on_policy_labels(&sample),
+        labels,
         loss: crate::loss::LossConfig {
             alpha_ce: 0.0,
             ..s.loss
@@ -241,19 +260,33 @@ fn on_policy_batch(
     })
 }
 
-/// Labels of an on-policy batch: position i predicts token i+1 only where that token is one the
-/// student generated (not the prompt, not the padding after a stop token).
-fn on_policy_labels(sample: &distill_teacher::generate::BatchSample) -> Vec<u32> {
-    let t = sample.seq_len();
-    let mut labels = vec![IGNORE; sample.rows * t];
-    for b in 0..sample.rows {
-        for i in 0..t - 1 {
-            if sample.is_generated(b, i + 1) {
-                labels[b * t + i] = sample.ids[b * t + i + 1];
+/// The rows of one or more sampled batches as one (B, T) batch — rows shorter than the longest
+/// padded at the end with `pad` (causal attention: padding after a row changes nothing before
+/// it) — and its labels: position i predicts token i+1 only where that token is one the student
+/// generated (not the prompt, not what follows a stop token or pads the row).
+fn on_policy_rows(
+    samples: &[distill_teacher::generate::BatchSample],
+    pad: u32,
+) -> (Vec<u32>, usize, Vec<u32>) {
+    let t = samples.iter().map(|s| s.seq_len()).max().unwrap_or(0);
+    let rows: usize = samples.iter().map(|s| s.rows).sum();
+    let (mut ids, mut labels) = (Vec::with_capacity(rows * t), vec![IGNORE; rows * t]);
+    let mut r = 0;
+    for s in samples {
+        let n = s.seq_len();
+        for b in 0..s.rows {
+            let row = &s.ids[b * n..(b + 1) * n];
+            ids.extend_from_slice(row);
+            ids.resize((r + 1) * t, pad);
+            for i in 0..n - 1 {
+                if s.is_generated(b, i + 1) {
+                    labels[r * t + i] = row[i + 1];
+                }
             }
+            r += 1;
         }
     }
-    labels
+    (ids, t, labels)
 }
 
 /// The student's loss on a micro-batch: the KD (+ CE) loss, plus the weighted hidden-state term.
@@ -545,11 +578,29 @@ mod tests {
             generated: vec![4, 2],
         };
         let x = IGNORE;
+        let (ids, t, labels) = on_policy_rows(std::slice::from_ref(&sample), 0);
+        assert_eq!((t, ids.clone()), (7, sample.ids.clone()));
         assert_eq!(
-            on_policy_labels(&sample),
+            labels,
             [x, x, 10, 11, 12, 13, x, x, x, 20, 9, x, x, x],
             "the prompt's own next tokens, the padding after a stop and each row's last \
              position take no part; the stop token itself is learnt"
+        );
+        // Rows of prompts of different lengths (a prompts file), padded at the end.
+        let short = BatchSample {
+            ids: vec![5, 30, 31],
+            rows: 1,
+            prompt_len: 1,
+            new_tokens: 2,
+            generated: vec![2],
+        };
+        let (ids, t, labels) = on_policy_rows(&[sample.clone(), short], 2);
+        assert_eq!(t, 7);
+        assert_eq!(&ids[14..], &[5, 30, 31, 2, 2, 2, 2]);
+        assert_eq!(&labels[14..], &[30, 31, x, x, x, x, x]);
+        assert_eq!(
+            &labels[..14],
+            &[x, x, 10, 11, 12, 13, x, x, x, 20, 9, x, x, x]
         );
         // Off-policy/on-policy micro-batches follow λ over the whole run.
         let o = crate::config::OnPolicySection {

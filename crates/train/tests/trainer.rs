@@ -612,3 +612,45 @@ fn on_policy_and_hidden_state_refuse_a_cache_and_a_missing_teacher() {
         assert!(err.contains(what), "{err}");
     }
 }
+
+#[test]
+fn on_policy_prompts_from_a_file_train_and_resume_bit_identically() {
+    let f = fixture(false);
+    let prompts = f.root.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "the cat\n{\"prompt\": \"a dog and a bird\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"the end\"}]}\n",
+    )
+    .unwrap();
+    let p = format!("onpolicy.prompts=\"{}\"", prompts.display());
+    let sets = [
+        "onpolicy.fraction=1",
+        "onpolicy.max_new_tokens=6",
+        p.as_str(),
+        "train.max_steps=6",
+        "train.checkpoint_every=100",
+    ];
+    let straight = f.root.join("straight");
+    run(config(&f, false, &sets), &straight, false, None).unwrap();
+    assert!(metrics(&straight, "train")
+        .iter()
+        .all(|s| s["on_policy_kd"].as_f64().unwrap() >= 0.0));
+    let halves = f.root.join("halves");
+    run(config(&f, false, &sets), &halves, false, Some(3)).unwrap();
+    run(config(&f, false, &sets), &halves, true, None).unwrap();
+    assert_eq!(losses(&straight), losses(&halves));
+    assert_eq!(
+        std::fs::read(straight.join("final/model.safetensors")).unwrap(),
+        std::fs::read(halves.join("final/model.safetensors")).unwrap()
+    );
+    // A prompts file that is not one names itself.
+    std::fs::write(&prompts, "{\"nope\": 1}\n").unwrap();
+    let err = run(config(&f, false, &sets), &f.root.join("bad"), false, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("prompts.jsonl") && err.contains("line 1"),
+        "{err}"
+    );
+}
