@@ -175,8 +175,8 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
                 .enumerate()
             {
                 let ids = distill_core::prompts::encode_prompt(&tokenizer, messages, true)?;
-                if ids.is_empty() {
-                    return Err(Error::file(path, format!("prompt {} has no tokens", i + 1)));
+                if ids.is_empty() || messages.iter().all(|m| m.content.trim().is_empty()) {
+                    return Err(Error::file(path, format!("prompt {} is empty", i + 1)));
                 }
                 out.push(ids[ids.len().saturating_sub(keep)..].to_vec());
             }

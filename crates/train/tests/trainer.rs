@@ -653,4 +653,14 @@ fn on_policy_prompts_from_a_file_train_and_resume_bit_identically() {
         err.contains("prompts.jsonl") && err.contains("line 1"),
         "{err}"
     );
+    // A prompt with nothing to continue names itself too.
+    std::fs::write(&prompts, "the cat\n{\"prompt\": \"\"}\n").unwrap();
+    let err = run(config(&f, false, &sets), &f.root.join("empty"), false, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("prompts.jsonl") && err.contains("prompt 2 is empty"),
+        "{err}"
+    );
 }
