@@ -122,9 +122,14 @@ pub fn run(a: ProvenanceArgs) -> Result<()> {
     let sources: Vec<Source> = specs.iter().map(|s| Source::parse(s)).collect();
     let mut labels: Vec<String> = sources.iter().map(Source::label).collect();
     // Distinct names in the report even when two dirs share one.
+    // Distinct file names too (answers and reports live under slug(label)): a spec given twice,
+    // or two labels with one slug, get their place in the list appended.
     for i in 0..labels.len() {
         if labels[..i].contains(&labels[i]) {
             labels[i] = format!("{} ({})", labels[i], specs[i]);
+        }
+        if labels[..i].iter().any(|l| slug(l) == slug(&labels[i])) {
+            labels[i] = format!("{} #{}", labels[i], i + 1);
         }
     }
     let (nt, ns) = (a.teacher.len(), a.suspect.len());
@@ -372,19 +377,21 @@ fn answers_of(
                     rows.len()
                 );
             }
-            let top = rows.iter().all(|r| r.logprobs.is_some()).then(|| {
+            // The top-logprob signal needs alternatives on every answer that has tokens (an API
+            // that returns `logprobs` with empty `top_logprobs` offers none).
+            let has_top = rows.iter().all(|r| {
+                r.logprobs
+                    .as_ref()
+                    .is_some_and(|l| l.iter().all(|t| !t.top_logprobs.is_empty()))
+            });
+            let top = has_top.then(|| {
                 rows.iter()
                     .map(|r| {
                         r.logprobs
                             .as_deref()
                             .unwrap_or_default()
                             .iter()
-                            .map(|t| {
-                                t.top_logprobs
-                                    .iter()
-                                    .map(|x| (x.token.clone(), x.logprob))
-                                    .collect()
-                            })
+                            .map(position_top)
                             .collect()
                     })
                     .collect()
@@ -396,4 +403,26 @@ fn answers_of(
             })
         }
     }
+}
+
+/// One generated position's alternatives for the top-logprob signal: the token the API generated
+/// first (at temperature 0 it need not be the most likely one listed), then the others, each
+/// keyed by its bytes when the API gives them (lossy text would make different partial UTF-8
+/// tokens one "�").
+fn position_top(t: &distill_api::client::TokenInfo) -> distill_eval::provenance::TopK {
+    fn key(token: &str, bytes: &Option<Vec<u8>>) -> String {
+        match bytes {
+            Some(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+            None => token.to_string(),
+        }
+    }
+    let chosen = key(&t.token, &t.bytes);
+    let mut out = vec![(chosen.clone(), t.logprob)];
+    out.extend(
+        t.top_logprobs
+            .iter()
+            .map(|x| (key(&x.token, &x.bytes), x.logprob))
+            .filter(|(k, _)| *k != chosen),
+    );
+    out
 }

@@ -35,8 +35,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// Fewer prompts cannot give a p-value small enough to mean anything (2⁻²⁰ ≈ 1e-6 is the sign-flip
-/// test's floor at 20; below ~10 it cannot reach 0.01 at all).
+/// Fewer prompts make a verdict hang on a handful of answers: at n prompts the exact sign-flip
+/// test's smallest p-value is 2⁻ⁿ (below 7 it cannot reach 0.01), and with the Monte Carlo
+/// version the floor is 1/(permutations + 1) anyway.
 pub const MIN_PROMPTS: usize = 20;
 
 /// One model's black-box answers: per prompt the text, and per generated token its top
@@ -45,12 +46,12 @@ pub const MIN_PROMPTS: usize = 20;
 pub struct Answers {
     pub name: String,
     pub texts: Vec<String>,
-    /// Per prompt, per generated position, the top-k (token, logprob) pairs, most likely first
-    /// (for a greedy answer the first is the token generated).
+    /// Per prompt, per generated position, the (token, logprob) alternatives: the token the
+    /// model generated first, then the other listed ones.
     pub top: Option<Vec<Vec<TopK>>>,
 }
 
-/// The alternatives an API lists at one position: (token, logprob), most likely first.
+/// The alternatives at one generated position: (token, logprob), the generated token first.
 pub type TopK = Vec<(String, f64)>;
 
 /// Fraction of the first `words` word positions (of the longer answer, at most `words`) where
@@ -386,6 +387,21 @@ pub fn test(
         )));
     }
     let name = |i: usize| sims.names[i].clone();
+    // A NaN similarity (NaN logits, a broken answer) would pass every comparison as "at least
+    // as large": refuse it instead of reporting a tiny p-value.
+    for &a in std::iter::once(&suspect).chain(teachers).chain(references) {
+        for &b in teachers.iter().chain(references) {
+            if let Some(i) = sims.get(a, b).iter().position(|v| !v.is_finite()) {
+                return Err(Error::Msg(format!(
+                    "the similarity of {} and {} is not finite on prompt {} (NaN logits or \
+                     log-probabilities?)",
+                    name(a),
+                    name(b),
+                    i + 1
+                )));
+            }
+        }
+    }
     let mut verdicts = Vec::new();
     let mut distributions = Vec::new();
     for (ti, &t) in teachers.iter().enumerate() {
@@ -398,18 +414,26 @@ pub fn test(
             let sr = sims.get(suspect, r);
             reference_similarity.push((name(r), sims.mean(r, t)));
             distributions.push((format!("{} – {}", name(r), name(t)), rt.clone()));
-            for (q, other) in [
+            for (qi, (q, other)) in [
                 ("teacher-closer-to-suspect", &rt),
                 ("suspect-closer-to-teacher", &sr),
-            ] {
+            ]
+            .into_iter()
+            .enumerate()
+            {
                 let d: Vec<f64> = st.iter().zip(other.iter()).map(|(a, b)| a - b).collect();
                 let (mean, sd) = mean_sd(&d);
-                let seed = opts.seed ^ ((ti * 1000 + ri * 2 + (q.len() & 1)) as u64 + 1);
+                let seed = opts.seed ^ ((ti * 1000 + ri * 2 + qi) as u64 + 1);
                 comparisons.push(Comparison {
                     reference: name(r),
                     question: q.into(),
                     mean_difference: mean,
-                    effect_size: if sd > 0.0 { mean / sd } else { 0.0 },
+                    // Every prompt the same difference: an unbounded effect (0 when none).
+                    effect_size: match (sd > 0.0, mean == 0.0) {
+                        (true, _) => mean / sd,
+                        (false, true) => 0.0,
+                        (false, false) => mean.signum() * f64::INFINITY,
+                    },
                     p_value: sign_flip_p(&d, opts.permutations, seed),
                 });
             }
@@ -703,5 +727,28 @@ mod tests {
         .unwrap();
         let err = test(&few, &[0], 1, &[2], "black-box", TestOptions::default()).unwrap_err();
         assert!(err.to_string().contains("too few prompts"), "{err}");
+        // A NaN similarity (say, NaN logits) is refused, not counted as agreement.
+        let mut bad = sims.clone();
+        let mut v = bad.get(1, 2);
+        v[4] = f64::NAN;
+        bad.set(1, 2, v);
+        let err = test(&bad, &[0], 1, &[2], "black-box", TestOptions::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("m1 and m2 is not finite on prompt 5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn identical_differences_on_every_prompt_are_an_unbounded_effect() {
+        let names: Vec<String> = ["t", "s", "r"].iter().map(|n| n.to_string()).collect();
+        let mut sims = Similarities::new(names, 30, vec!["text".into()]);
+        sims.set(0, 1, vec![0.9; 30]);
+        sims.set(0, 2, vec![0.4; 30]);
+        sims.set(1, 2, vec![0.4; 30]);
+        let r = test(&sims, &[0], 1, &[2], "black-box", TestOptions::default()).unwrap();
+        let v = &r.teachers[0];
+        assert!(v.derived, "{v:?}");
+        assert!(v.comparisons.iter().all(|c| c.effect_size == f64::INFINITY));
     }
 }
