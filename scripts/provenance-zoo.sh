@@ -19,7 +19,10 @@
 # result and never changed; the table uses the test prompts only (at most MAX_PROMPTS).
 #
 # Needs target/release/distill, models/smollm2-135m-instruct and data/tokens/corpus (README).
-# Run with:  scripts/provenance-zoo.sh        (≈ 50 min on 2 cores; ZOO=dir to put it elsewhere)
+# Run with:  scripts/provenance-zoo.sh        (ZOO=dir to put it elsewhere)
+# Measured with ZOO_SEQUENCES=160 MAX_PROMPTS=400 on 2 cores: 47 min to build the zoo, then ≈ 30 min
+# of black-box answers (most of it the pruned student's and the teacher's); a rerun reuses every
+# model and answer already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${DISTILL_BIN:-target/release/distill}
@@ -30,7 +33,7 @@ PROMPTS=${PROMPTS:-data/raw/prompts/chatterbot.jsonl}
 ALICE=${ALICE:-data/raw/fiction-eval/valid/carroll-alice.txt}
 SEQS=${ZOO_SEQUENCES:-160}          # train sequences every zoo student sees (one pass, batch 4)
 MAX_PROMPTS=${MAX_PROMPTS:-400}
-WHITE_SEQS=${WHITE_SEQS:-100}       # held-out sequences for the white-box test
+export WHITE_SEQS=${WHITE_SEQS:-100}  # held-out sequences for the white-box test
 PRESET=${PRESET:-4l-256}
 PORT0=${PORT0:-18100}
 for need in "$BIN" "$T/config.json" "$TOKENS/meta.json" "$PROMPTS" "$ALICE"; do
@@ -76,7 +79,8 @@ train() { # NAME SHAPE(4l|2l) SEED KIND(kd|ce) [extra --set ...]
     ce) sets+=(--set loss.alpha_kd=0.0 --set loss.alpha_ce=1.0) ;;
   esac
   log "training $name"
-  rm -rf "$Z/models/$name"
+  # A rebuilt model's old answers would be read back by the tests: drop them with it.
+  rm -rf "$Z/models/$name" "$Z"/answers-*/"$name"
   "$BIN" train --config configs/tiny.toml --out "$Z/models/$name" \
     --max-steps "${STEPS_OVERRIDE:-$STEPS}" "${sets[@]}" "$@" >"$Z/models/$name.log" 2>&1 \
     || { mkdir -p "$Z/models"; cat "$Z/models/$name.log" >&2; exit 1; }
@@ -127,6 +131,7 @@ else
   PRUNED="$Z/models/pruned-healed/final"
   if [ ! -e "$PRUNED/config.json" ]; then
     log "pruning and healing"
+    rm -rf "$Z"/answers-*/pruned-healed
     "$BIN" prune --teacher "$T" --tokens "$TOKENS" --target-params 0.6 --kl-sequences 2 \
       --out "$Z/models/pruned-init" >"$Z/models/pruned.log" 2>&1
     "$BIN" train --config configs/smollm2-pruned.toml --out "$Z/models/pruned-healed" \
