@@ -734,7 +734,8 @@ mod tests {
         bad.set(1, 2, v);
         let err = test(&bad, &[0], 1, &[2], "black-box", TestOptions::default()).unwrap_err();
         assert!(
-            err.to_string().contains("m1 and m2 is not finite on prompt 5"),
+            err.to_string()
+                .contains("m1 and m2 is not finite on prompt 5"),
             "{err}"
         );
     }
