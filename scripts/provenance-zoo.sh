@@ -20,9 +20,10 @@
 #
 # Needs target/release/distill, models/smollm2-135m-instruct and data/tokens/corpus (README).
 # Run with:  scripts/provenance-zoo.sh        (ZOO=dir to put it elsewhere)
-# Measured with ZOO_SEQUENCES=160 MAX_PROMPTS=400 on 2 cores: 47 min to build the zoo, then ≈ 30 min
-# of black-box answers (most of it the pruned student's and the teacher's); a rerun reuses every
-# model and answer already there.
+# Measured with ZOO_SEQUENCES=160 MAX_PROMPTS=400 on 2 cores: 47 min to build the zoo; the black-box
+# runs had taken 33 min (chat to 400 prompts, completions to 200, most of it the pruned student's and
+# the teacher's answers) when that run was stopped, so a full run is well over 90 min; a rerun
+# reuses every model and answer already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${DISTILL_BIN:-target/release/distill}
