@@ -177,6 +177,10 @@ pub struct BenchTrainArgs {
     /// Timed steps (after one warm-up).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Form the (B, T, V) logits and clip as a tensor pass, as before the fused lm-head loss (to
+    /// measure what the fusion buys).
+    #[arg(long)]
+    unfused: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -198,6 +202,7 @@ pub fn bench(a: BenchTrainArgs) -> Result<()> {
         temperature: a.temperature,
         top_k: a.top_k,
         steps: a.steps,
+        unfused: a.unfused,
     };
     let r = bench_train(&o, &device)?;
     if a.json {

@@ -3,8 +3,8 @@
 //! so that only the student's training is timed. Not part of the test suite; the PyTorch peer is
 //! `scripts/bench_pytorch.py train`.
 
-use crate::loss::{distill_loss, next_token_labels, KdKind, LossConfig};
-use crate::optim::{clip_grads, grad_norm, AdamW, AdamWConfig};
+use crate::loss::{distill_loss, distill_loss_from_hidden, next_token_labels, KdKind, LossConfig};
+use crate::optim::{clip_grads, clip_scale, grad_norm, AdamW, AdamWConfig};
 use candle_core::{Device, Tensor};
 use distill_core::{CausalLm, Config, Result, TeacherTargets};
 use serde::Serialize;
@@ -24,6 +24,9 @@ pub struct TrainBenchOptions {
     /// 0 = dense targets (full-vocabulary teacher logits), else top-k sparse targets.
     pub top_k: usize,
     pub steps: usize,
+    /// The unfused path, for comparison: logits formed as a (B, T, V) tensor, then the loss op;
+    /// clipping as its own tensor pass. (The AdamW kernel is the same either way.)
+    pub unfused: bool,
 }
 
 impl Default for TrainBenchOptions {
@@ -39,6 +42,7 @@ impl Default for TrainBenchOptions {
             temperature: 2.0,
             top_k: 0,
             steps: 3,
+            unfused: false,
         }
     }
 }
@@ -119,8 +123,19 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         teacher_vocab: None,
     };
     let step = |opt: &mut AdamW| -> Result<f32> {
-        let logits = student.forward(&input)?;
-        let parts = distill_loss(&logits, &targets, &labels, &loss_cfg)?;
+        let parts = if o.unfused {
+            let logits = student.forward(&input)?;
+            distill_loss(&logits, &targets, &labels, &loss_cfg)?
+        } else {
+            let hidden = student.hidden_states(&input)?;
+            distill_loss_from_hidden(
+                &hidden,
+                student.lm_head_weight(),
+                &targets,
+                &labels,
+                &loss_cfg,
+            )?
+        };
         let g = parts.total.backward()?;
         let mut grads: HashMap<String, Tensor> = opt
             .vars()
@@ -133,8 +148,12 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
             .collect();
         drop(g);
         let norm = grad_norm(&grads)?;
-        clip_grads(&mut grads, norm, 1.0)?;
-        opt.step(&grads, 1e-3)?;
+        if o.unfused {
+            clip_grads(&mut grads, norm, 1.0)?;
+            opt.step(&grads, 1e-3)?;
+        } else {
+            opt.step_scaled(&grads, 1e-3, clip_scale(norm, 1.0))?;
+        }
         Ok(parts.kd)
     };
     step(&mut opt)?; // warm-up
@@ -148,7 +167,11 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         peak_rss_bytes: distill_core::device::peak_rss_bytes().unwrap_or(0),
         batch: b,
         seq_len: t,
-        loss_kind: format!("forward_kl τ={}", o.temperature),
+        loss_kind: format!(
+            "forward_kl τ={}{}",
+            o.temperature,
+            if o.unfused { " (unfused)" } else { "" }
+        ),
         targets: if o.top_k == 0 {
             "dense".into()
         } else {

@@ -84,7 +84,7 @@ pub(crate) fn save(dir: &Path, t: &Trainable, state: &TrainerState) -> Result<()
         &t.card,
     )?;
     distill_core::weights::save_safetensors(
-        &t.opt.state_tensors(),
+        &t.opt.state_tensors()?,
         DType::F32,
         &tmp.join(OPTIMIZER_FILE),
     )?;

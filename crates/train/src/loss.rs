@@ -29,8 +29,9 @@
 //! gradient; teacher mass on extra ids is dropped and the rest renormalised.
 //!
 //! The hot path is a fused CPU op with a hand-written backward ([`KdOp`]): one pass per row over
-//! the vocabulary for the value, one for the gradient, no (B, T, V) temporaries besides the
-//! gradient itself. Other devices use [`composite_loss`], built from candle ops (it is also the
+//! the vocabulary for the value, one for the gradient (vectorised exponentials, [`vexp`]), no
+//! (B, T, V) temporaries besides the gradient itself; [`distill_loss_from_hidden`] fuses the
+//! output projection too, so that not even those exist. Other devices use [`composite_loss`], built from candle ops (it is also the
 //! oracle the fused op is tested against).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
@@ -38,6 +39,10 @@ use distill_core::{Error, Result, TeacherTargets};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+mod fused;
+mod vexp;
+pub use fused::{distill_loss_from_hidden, fused_buffer_bytes};
 
 /// A label that takes no part in the loss (padding, positions without a next token).
 pub const IGNORE: u32 = u32::MAX;
@@ -132,16 +137,6 @@ pub struct KdOp {
 /// Forward output per row: [KD·τ², CE, student lse at τ, student lse at 1, teacher lse at τ].
 /// Only the first two enter the loss; the backward reuses the rest instead of recomputing them.
 const ROW_OUT: usize = 5;
-
-fn lse(xs: impl Iterator<Item = f32> + Clone) -> f32 {
-    let max = xs.clone().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return max;
-    }
-    // f32 exponentials (2–3× cheaper than f64 ones), accumulated in f64.
-    let sum: f64 = xs.map(|x| (x - max).exp() as f64).sum();
-    max + sum.ln() as f32
-}
 
 /// Per-bucket value and `h_b = Q_b · ∂L/∂Q_b` of the KD term, from log-probabilities.
 /// Returns (loss contribution, h).
@@ -263,12 +258,12 @@ impl KdOp {
         // Student log-probs at τ and at 1.
         let lse_tau = match saved {
             Some(sv) => sv[2],
-            None => lse(s.iter().map(|&x| x / tau)),
+            None => vexp::lse(s, 1.0 / tau),
         };
         let lse_one = match saved {
             Some(sv) => sv[3],
             None if tau == 1.0 => lse_tau,
-            None => lse(s.iter().copied()),
+            None => vexp::lse(s, 1.0),
         };
         let mut tlse_out = 0f32;
         let label = label as usize;
@@ -284,7 +279,7 @@ impl KdOp {
                 let t = &t[..v];
                 let tlse = match saved {
                     Some(sv) => sv[4],
-                    None => lse(t.iter().map(|&x| x / tau)),
+                    None => vexp::lse(t, 1.0 / tau),
                 };
                 tlse_out = tlse;
                 let fkl = matches!(self.kind, KdKind::ForwardKl | KdKind::Jsd { beta: 0.0 });
@@ -292,19 +287,11 @@ impl KdOp {
                     // Forward KL, the common case: Σ p (log p − log q) and q − p, in f32 with
                     // f64 sums, one exponential per element each way.
                     None if fkl => {
-                        for j in 0..v {
-                            let lp = t[j] / tau - tlse;
-                            let lq = s[j] / tau - lse_tau;
-                            kd += (lp.exp() * (lp - lq)) as f64;
-                        }
+                        kd = vexp::fkl_value(s, t, 1.0 / tau, -lse_tau, -tlse);
                     }
                     Some(o) if fkl => {
-                        let gk = g_kd * tau;
-                        for j in 0..v {
-                            let p = (t[j] / tau - tlse).exp();
-                            let q = (s[j] / tau - lse_tau).exp();
-                            o[j] = gk * (q - p);
-                        }
+                        let o = &mut o[..v];
+                        vexp::fkl_grad(s, t, 1.0 / tau, -lse_tau, -tlse, g_kd * tau, o);
                     }
                     None => {
                         for j in 0..v {
@@ -371,10 +358,8 @@ impl KdOp {
                     let gk = g_kd * tau;
                     let tail_per_q = (h_tail / q_tail) as f32;
                     let sum_h = sum_h as f32;
-                    for j in 0..v {
-                        let q = (s[j] / tau - lse_tau).exp();
-                        o[j] = gk * q * (tail_per_q - sum_h);
-                    }
+                    let c = gk * (tail_per_q - sum_h);
+                    vexp::exp_into(s, 1.0 / tau, -lse_tau, c, &mut o[..v]);
                     for (idx, &i) in kept_ids.iter().enumerate() {
                         let q = lq[idx].exp();
                         o[i] = gk * (h[idx] - q * sum_h as f64) as f32;
@@ -385,9 +370,7 @@ impl KdOp {
         }
         if let Some(o) = out {
             if g_ce != 0.0 && label < v {
-                for j in 0..v {
-                    o[j] += g_ce * (s[j] - lse_one).exp();
-                }
+                vexp::add_exp(s, 1.0, -lse_one, g_ce, &mut o[..v]);
                 o[label] -= g_ce;
             }
             return [0.0; ROW_OUT];
@@ -540,16 +523,36 @@ pub fn distill_loss(
         .to_dtype(DType::F32)?
         .contiguous()?;
     let n = s.dim(0)?;
+    check_labels(labels, n)?;
+    let tokens = labels.iter().filter(|&&l| l != IGNORE).count();
+    if !s.device().is_cpu() {
+        return composite_loss(&s, targets, labels, cfg);
+    }
+    let (op, dense) = kd_op(targets, labels, cfg, vs)?;
+    let rows = match dense {
+        Some(t) => s.apply_op2(&t, op)?,
+        None => s.apply_op1(op)?,
+    };
+    combine(&rows, tokens, cfg)
+}
+
+fn check_labels(labels: &[u32], n: usize) -> Result<()> {
     if labels.len() != n {
         return Err(Error::Msg(format!(
             "{} labels for {n} positions",
             labels.len()
         )));
     }
-    let tokens = labels.iter().filter(|&&l| l != IGNORE).count();
-    if !s.device().is_cpu() {
-        return composite_loss(&s, targets, labels, cfg);
-    }
+    Ok(())
+}
+
+/// The fused op for these targets, and for dense ones the teacher's logits as (N, Vt) f32.
+fn kd_op(
+    targets: &TeacherTargets,
+    labels: &[u32],
+    cfg: &LossConfig,
+    vs: usize,
+) -> Result<(KdOp, Option<Tensor>)> {
     let op = KdOp {
         kind: cfg.kind,
         tau: cfg.temperature,
@@ -558,14 +561,14 @@ pub fn distill_loss(
         grad: None,
         saved: None,
     };
-    let rows = match targets {
+    Ok(match targets {
         TeacherTargets::Dense { logits } => {
             let vt = logits.dim(D::Minus1)?;
             let t = logits
                 .reshape(((), vt))?
                 .to_dtype(DType::F32)?
                 .contiguous()?;
-            s.apply_op2(&t, op)?
+            (op, Some(t))
         }
         TeacherTargets::Sparse {
             ids,
@@ -580,13 +583,15 @@ pub fn distill_loss(
                 logsumexp: logsumexp.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
                 teacher_vocab: cfg.teacher_vocab.unwrap_or(vs),
             };
-            s.apply_op1(KdOp {
-                sparse: Some(Arc::new(sp)),
-                ..op
-            })?
+            (
+                KdOp {
+                    sparse: Some(Arc::new(sp)),
+                    ..op
+                },
+                None,
+            )
         }
-    };
-    combine(&rows, tokens, cfg)
+    })
 }
 
 fn combine(rows: &Tensor, tokens: usize, cfg: &LossConfig) -> Result<LossParts> {

@@ -305,10 +305,16 @@ impl Setup {
         let per_layer =
             rows * (12 * h + 4 * ff) * 4 + t.batch_size as u64 * heads * seq * seq * 4 * 3;
         let v = student.vocab_size as u64;
-        // Student logits, their gradient, the logits' temporaries in backward; dense teacher
-        // logits when the teacher runs online.
+        // On the CPU the output projection is fused with the loss: two chunk buffers and the
+        // projection's gradient; elsewhere the student logits, their gradient and the backward's
+        // temporaries. Dense teacher logits when the teacher runs online.
         let dense_teacher = matches!(self.targets, Targets::Live { top_k: 0, .. });
-        let logits = rows * v * 4 * (3 + dense_teacher as u64);
+        let student_logits = if self.device.is_cpu() {
+            crate::loss::fused_buffer_bytes(v as usize, rows as usize) as u64 + v * h * 4
+        } else {
+            rows * v * 4 * 3
+        };
+        let logits = student_logits + rows * v * 4 * dense_teacher as u64;
         let teacher = match &self.targets {
             Targets::Live { model, .. } => {
                 let c = model.config();

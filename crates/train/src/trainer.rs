@@ -7,8 +7,8 @@
 use crate::checkpoint::{self, Trainable};
 use crate::config::RunConfig;
 use crate::hidden::{HiddenSpec, Projections};
-use crate::loss::{distill_loss, LossParts, IGNORE};
-use crate::optim::{clip_grads, grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::loss::{distill_loss_from_hidden, LossParts, IGNORE};
+use crate::optim::{clip_scale, grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::setup::{setup, Setup};
 use crate::student::build_student;
 use candle_core::Tensor;
@@ -293,24 +293,32 @@ fn on_policy_rows(
 fn micro_loss(st: &Student, mb: &MicroBatch) -> Result<(LossParts, Option<f32>)> {
     match &st.hidden {
         None => {
-            let logits = st.model.forward(&mb.input)?;
-            Ok((
-                distill_loss(&logits, &mb.targets, &mb.labels, &mb.loss)?,
-                None,
-            ))
+            let hidden = st.model.hidden_states(&mb.input)?;
+            Ok((loss_of(st, &hidden, mb)?, None))
         }
         Some((spec, proj)) => {
             let (hidden, states) = st
                 .model
                 .forward_with_hidden(&mb.input, &spec.student_layers())?;
-            let logits = st.model.logits(&hidden)?;
-            let mut parts = distill_loss(&logits, &mb.targets, &mb.labels, &mb.loss)?;
+            let mut parts = loss_of(st, &hidden, mb)?;
             let h = proj.loss(spec.kind, &states, &mb.teacher_hidden)?;
             let hv = h.to_scalar::<f32>()?;
             parts.total = (parts.total + (h * spec.weight as f64)?)?;
             Ok((parts, Some(hv)))
         }
     }
+}
+
+/// The KD (+ CE) loss from the student's final hidden states: the output projection fused with
+/// the loss (no (B, T, V) logits on the CPU).
+fn loss_of(st: &Student, hidden: &Tensor, mb: &MicroBatch) -> Result<LossParts> {
+    distill_loss_from_hidden(
+        hidden,
+        st.model.lm_head_weight(),
+        &mb.targets,
+        &mb.labels,
+        &mb.loss,
+    )
 }
 
 /// Forward and backward over `grad_accum` micro-batches, clipping, and the AdamW update at `lr`.
@@ -376,9 +384,8 @@ fn optimizer_step(
             if loss.is_finite() { "gradient" } else { "loss" }
         )));
     }
-    clip_grads(&mut grads, norm, t.grad_clip)?;
     let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
-    opt.step(&grads, lr)?;
+    opt.step_scaled(&grads, lr, clip_scale(norm, t.grad_clip))?;
     seconds.update += timer.elapsed().as_secs_f64();
     Ok(StepLoss {
         loss,
