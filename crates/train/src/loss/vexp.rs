@@ -25,12 +25,12 @@ fn exp(x: f32) -> f32 {
     let x = if x > 88.3 { 88.3 } else { x };
     let n = (x * LOG2E + SHIFT) - SHIFT;
     let r = x - n * C1 - n * C2;
-    let p = 1.987_569_1e-4;
+    let p = 1.987_569e-4;
     let p = p * r + 1.398_199_9e-3;
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     e * scale
