@@ -4,7 +4,9 @@ dir, so BENCHMARKS.md can give ratios measured in one session on one machine.
 
 Run with:
   python3 scripts/bench_pytorch.py teacher --model models/smollm2-135m-instruct [--batch 8] [--seq-len 256]
+  python3 scripts/bench_pytorch.py gemm [--shapes 1024x1536x576,...] [--iters 5]
   python3 scripts/bench_pytorch.py train [--top-k 0|64] [--temperature 2] [--batch 8] [--seq-len 256]
+      [--student DIR [--freeze-embeddings]]   # e.g. a pruned SmolLM2 (the healing workload)
 
 Needs torch and transformers (pip install torch transformers). f32, 2 threads unless --threads.
 Prints one JSON object with the same keys as `distill bench teacher|train --json`.
@@ -55,6 +57,25 @@ def bench_teacher(args):
     }
 
 
+def bench_gemm(args):
+    """torch.matmul on the same f32 shapes as `distill bench gemm` (MxNxK, 2·M·N·K FLOPs each)."""
+    out, flops, secs = [], 0.0, 0.0
+    g = torch.Generator().manual_seed(0)
+    for s in args.shapes.split(","):
+        m, n, k = (int(x) for x in s.split("x"))
+        a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+        torch.matmul(a, b)  # warm-up
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            torch.matmul(a, b)
+        dt = time.perf_counter() - start
+        f = 2.0 * m * n * k * args.iters
+        out.append({"m": m, "n": n, "k": k, "gflops": f / dt / 1e9})
+        flops, secs = flops + f, secs + dt
+    return {"shapes": out, "gflops": flops / secs / 1e9, "threads": torch.get_num_threads(),
+            "peer": f"torch {torch.__version__}"}
+
+
 def bench_train(args):
     """Full training steps of a transformers LlamaForCausalLM student: forward, the same KD loss
     (forward KL at temperature tau, tau^2-scaled, mean over tokens; dense or top-k + tail bucket
@@ -65,15 +86,22 @@ def bench_train(args):
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.heads, tie_word_embeddings=True,
-                      max_position_embeddings=max(2048, args.seq_len))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).float()
+    if args.student:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    else:
+        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                          num_key_value_heads=args.heads, tie_word_embeddings=True,
+                          max_position_embeddings=max(2048, args.seq_len))
+        model = LlamaForCausalLM(cfg).float()
+    if args.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)  # tied: the lm_head too
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    b, t, v, tau = args.batch, args.seq_len, args.vocab, args.temperature
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    b, t, v, tau = args.batch, args.seq_len, model.config.vocab_size, args.temperature
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, v, (b, t), generator=g)
     labels_mask = torch.ones(b, t)
@@ -103,7 +131,7 @@ def bench_train(args):
         loss = (kd * labels_mask).sum() / labels_mask.sum() * tau * tau
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         return loss.item()
 
@@ -136,6 +164,9 @@ def main():
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--iters", type=int, default=3)
     t.add_argument("--decode-tokens", type=int, default=64)
+    gm = sub.add_parser("gemm")
+    gm.add_argument("--shapes", default="1024x1536x576,1024x576x1536,1024x49152x576")
+    gm.add_argument("--iters", type=int, default=5)
     tr = sub.add_parser("train")
     tr.add_argument("--layers", type=int, default=4)
     tr.add_argument("--hidden", type=int, default=256)
@@ -147,11 +178,15 @@ def main():
     tr.add_argument("--temperature", type=float, default=2.0)
     tr.add_argument("--top-k", type=int, default=0)
     tr.add_argument("--steps", type=int, default=3)
+    tr.add_argument("--student", help="a model dir to train instead of a new model of the shape above")
+    tr.add_argument("--freeze-embeddings", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "teacher":
         print(json.dumps(bench_teacher(args)))
+    elif args.what == "gemm":
+        print(json.dumps(bench_gemm(args)))
     elif args.what == "train":
         print(json.dumps(bench_train(args)))
 

@@ -2,6 +2,9 @@
 # distill bench train next to the PyTorch peer, alternating runs (shared machines are noisy), and
 # the median of each with the ratio. Needs a release build and a Python with torch + transformers.
 # Run with: scripts/bench_train_compare.sh [ROUNDS] [PYTHON]
+# BENCH_ARGS are passed to both sides, e.g. the pruned-student healing workload:
+#   BENCH_ARGS="--student runs/quickstart-pruned --freeze-embeddings --batch 4 --temperature 1" \
+#     scripts/bench_train_compare.sh 2 ~/.cache/distill/torch-venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -10,8 +13,10 @@ bin=${DISTILL_BIN:-target/release/distill}
 out=$(mktemp -d)
 for r in $(seq 1 "$rounds"); do
   for k in 0 64; do
-    "$bin" bench train --top-k "$k" --json >>"$out/distill-$k.jsonl"
-    "$py" scripts/bench_pytorch.py train --top-k "$k" 2>/dev/null >>"$out/torch-$k.jsonl"
+    # shellcheck disable=SC2086
+    "$bin" bench train --top-k "$k" ${BENCH_ARGS:-} --json >>"$out/distill-$k.jsonl"
+    # shellcheck disable=SC2086
+    "$py" scripts/bench_pytorch.py train --top-k "$k" ${BENCH_ARGS:-} 2>/dev/null >>"$out/torch-$k.jsonl"
   done
 done
 python3 - "$out" <<'PY'

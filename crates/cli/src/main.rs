@@ -251,6 +251,27 @@ enum BenchCommand {
     Cache(cache_cmd::BenchCacheArgs),
     /// Student training tokens/s and peak RSS (forward, KD loss, backward, AdamW).
     Train(train_cmd::BenchTrainArgs),
+    /// This host's f32 matrix-product rate (GFLOP/s) through candle, on the shapes a model's
+    /// layers and output projection multiply: the roofline the other figures are a fraction of.
+    Gemm(BenchGemmArgs),
+}
+
+#[derive(Args)]
+struct BenchGemmArgs {
+    /// Products as MxNxK (rows × columns × inner); default: a 1024-token batch through
+    /// SmolLM2-shaped layers (576 → 1536, 1536 → 576) and its output projection (576 → 49152).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024x1536x576,1024x576x1536,1024x49152x576"
+    )]
+    shapes: Vec<String>,
+    /// Timed products per shape (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -335,6 +356,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Cache(a)) => cache_cmd::bench(a),
         Command::Bench(BenchCommand::Train(a)) => train_cmd::bench(a),
         Command::Bench(BenchCommand::Teacher(a)) => bench_teacher(a),
+        Command::Bench(BenchCommand::Gemm(a)) => bench_gemm(a),
     }
 }
 
@@ -537,6 +559,34 @@ fn bench_teacher(a: BenchTeacherArgs) -> Result<()> {
             r.decode_tokens_per_second,
             r.threads,
             r.device
+        );
+    }
+    Ok(())
+}
+
+fn bench_gemm(a: BenchGemmArgs) -> Result<()> {
+    let mut shapes = Vec::new();
+    for s in &a.shapes {
+        let dims: Vec<usize> = s
+            .split('x')
+            .map(|d| d.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("--shapes {s}: expected MxNxK, e.g. 1024x1536x576"))?;
+        match dims[..] {
+            [m, n, k] if m > 0 && n > 0 && k > 0 => shapes.push((m, n, k)),
+            _ => anyhow::bail!("--shapes {s}: expected MxNxK with three positive sizes"),
+        }
+    }
+    let r = distill_train::bench::bench_gemm(&shapes, a.iters.max(1))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        for s in &r.shapes {
+            println!("gemm {}x{}x{}: {:.1} GFLOP/s", s.m, s.n, s.k, s.gflops);
+        }
+        println!(
+            "f32 GEMM roofline (FLOP-weighted over the shapes): {:.1} GFLOP/s, {} threads",
+            r.gflops, r.threads
         );
     }
     Ok(())

@@ -181,6 +181,13 @@ pub struct BenchTrainArgs {
     /// measure what the fusion buys).
     #[arg(long)]
     unfused: bool,
+    /// Train this model dir (e.g. `distill prune`'s output) instead of a new model of the shape
+    /// above (the shape flags are then ignored).
+    #[arg(long)]
+    student: Option<std::path::PathBuf>,
+    /// Freeze the tied embeddings (as `student.freeze_embeddings = true`).
+    #[arg(long)]
+    freeze_embeddings: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -203,14 +210,30 @@ pub fn bench(a: BenchTrainArgs) -> Result<()> {
         top_k: a.top_k,
         steps: a.steps,
         unfused: a.unfused,
+        student: a.student.clone(),
+        freeze_embeddings: a.freeze_embeddings,
     };
     let r = bench_train(&o, &device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
+        let what = match &a.student {
+            Some(d) => format!(
+                "{}{}",
+                d.display(),
+                if a.freeze_embeddings {
+                    " (embeddings frozen)"
+                } else {
+                    ""
+                }
+            ),
+            None => format!(
+                "{}L/{}/{}H/{} vocab {}",
+                a.layers, a.hidden, a.heads, a.intermediate, a.vocab
+            ),
+        };
         println!(
-            "train {}L/{}/{}H/{} vocab {} ({:.1}M params), {}, {} targets, batch {} × {}: {:.1} tok/s, peak RSS {:.0} MB, {} threads on {}",
-            a.layers, a.hidden, a.heads, a.intermediate, a.vocab,
+            "train {what} ({:.1}M params), {}, {} targets, batch {} × {}: {:.1} tok/s, peak RSS {:.0} MB, {} threads on {}",
             r.params as f64 / 1e6, r.loss_kind, r.targets, r.batch, r.seq_len,
             r.tokens_per_second, r.peak_rss_bytes as f64 / 1e6, r.threads, r.device
         );

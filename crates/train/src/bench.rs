@@ -27,6 +27,10 @@ pub struct TrainBenchOptions {
     /// The unfused path, for comparison: logits formed as a (B, T, V) tensor, then the loss op;
     /// clipping as its own tensor pass. (The AdamW kernel is the same either way.)
     pub unfused: bool,
+    /// Train this model dir (e.g. a pruned teacher) instead of a new model of the shape above.
+    pub student: Option<std::path::PathBuf>,
+    /// Freeze the (tied) embeddings, as `student.freeze_embeddings` does.
+    pub freeze_embeddings: bool,
 }
 
 impl Default for TrainBenchOptions {
@@ -43,6 +47,8 @@ impl Default for TrainBenchOptions {
             top_k: 0,
             steps: 3,
             unfused: false,
+            student: None,
+            freeze_embeddings: false,
         }
     }
 }
@@ -71,7 +77,7 @@ fn randn(n: usize, std: f32, seed: u64) -> Vec<f32> {
 }
 
 pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench> {
-    let cfg = Config {
+    let new_cfg = Config {
         vocab_size: o.vocab,
         hidden_size: o.hidden,
         intermediate_size: o.intermediate,
@@ -83,9 +89,20 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         max_position_embeddings: o.seq_len.max(2048),
         ..Config::tiny()
     };
-    let (student, varmap) = CausalLm::init_seeded(&cfg, 0, device)?;
+    let (student, varmap, cfg) = match &o.student {
+        Some(dir) => crate::student::student_from_dir(dir, dir, 0, device)?,
+        None => {
+            let (m, vm) = CausalLm::init_seeded(&new_cfg, 0, device)?;
+            (m, vm, new_cfg)
+        }
+    };
+    let student = if o.freeze_embeddings {
+        crate::student::freeze(&cfg, &varmap, &[crate::student::EMBEDDINGS], device)?.0
+    } else {
+        student
+    };
     let mut opt = AdamW::new(&varmap, AdamWConfig::default())?;
-    let (b, t, v) = (o.batch, o.seq_len, o.vocab);
+    let (b, t, v) = (o.batch, o.seq_len, cfg.vocab_size);
     let ids: Vec<u32> = {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -181,5 +198,53 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         steps: o.steps,
         threads: distill_core::device::cpu_threads(),
         device: distill_core::device::device_name(device),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub gflops: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmBench {
+    pub shapes: Vec<GemmShape>,
+    /// Total FLOPs over total time: the rate a workload of these shapes in these proportions gets.
+    pub gflops: f64,
+    pub threads: usize,
+}
+
+/// f32 `(m×k)·(k×n)` products through candle's matmul (the path every layer takes), `iters` timed
+/// after one warm-up per shape: 2·m·n·k FLOPs each.
+pub fn bench_gemm(shapes: &[(usize, usize, usize)], iters: usize) -> Result<GemmBench> {
+    let dev = Device::Cpu;
+    let (mut flops, mut secs) = (0f64, 0f64);
+    let mut out = Vec::new();
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        let a = Tensor::from_vec(randn(m * k, 1.0, 10 + i as u64), (m, k), &dev)?;
+        let b = Tensor::from_vec(randn(k * n, 1.0, 20 + i as u64), (k, n), &dev)?;
+        a.matmul(&b)?; // warm-up
+        let start = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(a.matmul(&b)?);
+        }
+        let s = start.elapsed().as_secs_f64();
+        let f = 2.0 * (m * n * k) as f64 * iters as f64;
+        out.push(GemmShape {
+            m,
+            n,
+            k,
+            gflops: f / s / 1e9,
+        });
+        flops += f;
+        secs += s;
+    }
+    Ok(GemmBench {
+        shapes: out,
+        gflops: flops / secs / 1e9,
+        threads: distill_core::device::cpu_threads(),
     })
 }

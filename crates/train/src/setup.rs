@@ -310,7 +310,13 @@ impl Setup {
         // temporaries. Dense teacher logits when the teacher runs online.
         let dense_teacher = matches!(self.targets, Targets::Live { top_k: 0, .. });
         let student_logits = if self.device.is_cpu() {
-            crate::loss::fused_buffer_bytes(v as usize, rows as usize) as u64 + v * h * 4
+            // A frozen (tied) embedding gets no gradient: the fused loss computes none for it.
+            let dw = if self.cfg.student.freeze_embeddings {
+                0
+            } else {
+                v * h * 4
+            };
+            crate::loss::fused_buffer_bytes(v as usize, rows as usize) as u64 + dw
         } else {
             rows * v * 4 * 3
         };
