@@ -67,6 +67,8 @@ const CHUNK: usize = 1 << 14;
 struct AdamScalars {
     beta1: f32,
     beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
     inv_bc1: f32,
     inv_bc2: f32,
     eps: f32,
@@ -81,6 +83,9 @@ struct AdamKernel<'a> {
     v: RefCell<&'a mut [f32]>,
     beta1: f32,
     beta2: f32,
+    /// `1 − β`, formed in f64 as the tensor path's scalar is.
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
     /// `1/bc1`, `1/bc2`: candle's tensor ÷ scalar is a multiply by the reciprocal.
     inv_bc1: f32,
     inv_bc2: f32,
@@ -121,6 +126,8 @@ impl InplaceOp2 for AdamKernel<'_> {
         let k = AdamScalars {
             beta1: self.beta1,
             beta2: self.beta2,
+            one_minus_beta1: self.one_minus_beta1,
+            one_minus_beta2: self.one_minus_beta2,
             inv_bc1: self.inv_bc1,
             inv_bc2: self.inv_bc2,
             eps: self.eps,
@@ -137,8 +144,8 @@ impl InplaceOp2 for AdamKernel<'_> {
                     // The tensor path's ops, one by one: g·s; m·β1 + g·(1−β1); v·β2 + g²·(1−β2);
                     // (m·(1/bc1)) / (√(v·(1/bc2)) + ε); w·(1 − lr·wd); w − update·lr.
                     let gi = g[i] * k.grad_scale;
-                    m[i] = m[i] * k.beta1 + gi * (1.0 - k.beta1);
-                    v[i] = v[i] * k.beta2 + gi * gi * (1.0 - k.beta2);
+                    m[i] = m[i] * k.beta1 + gi * k.one_minus_beta1;
+                    v[i] = v[i] * k.beta2 + gi * gi * k.one_minus_beta2;
                     let update = (m[i] * k.inv_bc1) / ((v[i] * k.inv_bc2).sqrt() + k.eps);
                     let wi = match k.decay {
                         Some(f) => w[i] * f,
@@ -257,6 +264,8 @@ impl AdamW {
                         v: RefCell::new(v.as_mut_slice()),
                         beta1: c.beta1 as f32,
                         beta2: c.beta2 as f32,
+                        one_minus_beta1: (1.0 - c.beta1) as f32,
+                        one_minus_beta2: (1.0 - c.beta2) as f32,
                         inv_bc1: (1.0 / bc1) as f32,
                         inv_bc2: (1.0 / bc2) as f32,
                         eps: c.eps as f32,

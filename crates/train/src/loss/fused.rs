@@ -300,7 +300,14 @@ impl LmHeadKd {
         } else {
             None
         };
-        let dw = scaled(saved.dw.take(), w)?;
+        let dw = if self.need_dw {
+            match saved.dw.take() {
+                Some(v) => scaled(Some(v), w)?,
+                None => candle_core::bail!("fused lm-head loss: backward run twice"),
+            }
+        } else {
+            None
+        };
         Ok((dh, dw))
     }
 }

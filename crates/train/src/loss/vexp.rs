@@ -36,6 +36,18 @@ fn exp(x: f32) -> f32 {
     e * scale
 }
 
+/// `p (lp − lq)` with `p = e^lp`, and 0 where the teacher's probability is below f32's range
+/// (a −∞ logit included: 0·log 0 = 0, as the scalar code's convention).
+#[inline(always)]
+fn fkl_term(lp: f32, lq: f32) -> f32 {
+    let term = exp(lp) * (lp - lq);
+    if lp > -87.3 {
+        term
+    } else {
+        0.0
+    }
+}
+
 /// Defines `pub fn $name` over its body three times: with AVX-512, with AVX2+FMA (each behind a
 /// run-time check) and without either.
 macro_rules! multiversion {
@@ -128,16 +140,12 @@ multiversion! {
             let full = bs_.len() / L * L;
             for (cs, ct) in bs_[..full].chunks_exact(L).zip(bt_[..full].chunks_exact(L)) {
                 for l in 0..L {
-                    let lp = a * ct[l] + bt;
-                    let lq = a * cs[l] + bs;
-                    acc[l] += exp(lp) * (lp - lq);
+                    acc[l] += fkl_term(a * ct[l] + bt, a * cs[l] + bs);
                 }
             }
             let mut tail = 0f32;
             for j in full..bs_.len() {
-                let lp = a * bt_[j] + bt;
-                let lq = a * bs_[j] + bs;
-                tail += exp(lp) * (lp - lq);
+                tail += fkl_term(a * bt_[j] + bt, a * bs_[j] + bs);
             }
             total += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
         }
@@ -221,6 +229,14 @@ mod tests {
             })
             .sum();
         assert!((fkl_value(&x, &t, a, bs, bt) - want).abs() <= 1e-5 * want.abs().max(1.0));
+        // A teacher logit of −∞ (probability 0) adds nothing, not −∞ or NaN.
+        let mut t_inf = t.clone();
+        t_inf[5] = f32::NEG_INFINITY;
+        let v = fkl_value(&x, &t_inf, a, bs, bt);
+        assert!(
+            v.is_finite() && (v - want).abs() <= 0.05 * want.abs().max(1.0),
+            "{v} vs {want}"
+        );
         let mut g = vec![0f32; x.len()];
         fkl_grad(&x, &t, a, bs, bt, 3.0, &mut g);
         for ((o, &s), &t) in g.iter().zip(&x).zip(&t) {
