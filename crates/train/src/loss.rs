@@ -232,7 +232,8 @@ fn teacher_buckets(
 
 impl KdOp {
     /// One row: returns [KD·τ², CE, lse_τ, lse_1, teacher lse_τ]; with
-    /// `grad = Some((out, g_kd, g_ce))` writes ∂/∂s instead, reusing the forward's `saved` row.
+    /// `grad = Some((out, g_kd, g_ce))` also writes ∂/∂s into `out` in the same passes (the
+    /// logsumexps taken from the forward's `saved` row when given, else computed).
     fn row(
         &self,
         r: usize,
@@ -284,14 +285,15 @@ impl KdOp {
                 tlse_out = tlse;
                 let fkl = matches!(self.kind, KdKind::ForwardKl | KdKind::Jsd { beta: 0.0 });
                 match out.as_deref_mut() {
-                    // Forward KL, the common case: Σ p (log p − log q) and q − p, in f32 with
-                    // f64 sums, one exponential per element each way.
+                    // Forward KL, the common case: Σ p (log p − log q), and q − p with it in the
+                    // same pass (vectorised exponentials, f64 block sums).
                     None if fkl => {
                         kd = vexp::fkl_value(s, t, 1.0 / tau, -lse_tau, -tlse);
                     }
                     Some(o) if fkl => {
                         let o = &mut o[..v];
-                        vexp::fkl_grad(s, t, 1.0 / tau, -lse_tau, -tlse, g_kd * tau, o);
+                        let c = g_kd * tau;
+                        kd = vexp::fkl_value_grad(s, t, 1.0 / tau, -lse_tau, -tlse, c, o);
                     }
                     None => {
                         for j in 0..v {
@@ -306,7 +308,8 @@ impl KdOp {
                         for j in 0..v {
                             let lp = (t[j] / tau - tlse) as f64;
                             let lq = (s[j] / tau - lse_tau) as f64;
-                            let h = bucket(self.kind, lp, lq).1;
+                            let (l, h) = bucket(self.kind, lp, lq);
+                            kd += l;
                             o[j] = h as f32;
                             sum_h += h;
                         }
@@ -373,7 +376,6 @@ impl KdOp {
                 vexp::add_exp(s, 1.0, -lse_one, g_ce, &mut o[..v]);
                 o[label] -= g_ce;
             }
-            return [0.0; ROW_OUT];
         }
         [(kd * scale) as f32, ce, lse_tau, lse_one, tlse_out]
     }
@@ -428,6 +430,19 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
+/// Dense teacher logits (N, Vt) for `n` student rows, as a slice and Vt.
+fn teacher_rows<'a>(
+    t: &'a CpuStorage,
+    lt: &Layout,
+    n: usize,
+) -> candle_core::Result<(&'a [f32], usize)> {
+    let (nt, vt) = lt.shape().dims2()?;
+    if nt != n {
+        candle_core::bail!("kd loss: {n} student rows vs {nt} teacher rows");
+    }
+    Ok((f32_slice(t, lt, "teacher logits")?, vt))
+}
+
 impl CustomOp1 for KdOp {
     fn name(&self) -> &'static str {
         "kd-loss-sparse"
@@ -466,14 +481,10 @@ impl CustomOp2 for KdOp {
         lt: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, vs) = ls.shape().dims2()?;
-        let (nt, vt) = lt.shape().dims2()?;
-        if nt != n {
-            candle_core::bail!("kd loss: {n} student rows vs {nt} teacher rows");
-        }
+        let t = teacher_rows(t, lt, n)?;
         let s = f32_slice(s, ls, "student logits")?;
-        let t = f32_slice(t, lt, "teacher logits")?;
         Ok((
-            CpuStorage::F32(self.run(s, vs, Some((t, vt)))),
+            CpuStorage::F32(self.run(s, vs, Some(t))),
             self.out_shape(n, vs),
         ))
     }

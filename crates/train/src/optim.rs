@@ -63,24 +63,9 @@ fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// Elements per parallel work item of the fused passes (fixed, so sums are reproducible).
 const CHUNK: usize = 1 << 14;
 
+/// The scalars of one AdamW step, as the tensor path forms them.
 #[derive(Clone, Copy)]
 struct AdamScalars {
-    beta1: f32,
-    beta2: f32,
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    inv_bc1: f32,
-    inv_bc2: f32,
-    eps: f32,
-    lr: f32,
-    decay: Option<f32>,
-    grad_scale: f32,
-}
-
-/// One AdamW step on a parameter's data in place (`InplaceOp2`: the weights, then the gradient).
-struct AdamKernel<'a> {
-    m: RefCell<&'a mut [f32]>,
-    v: RefCell<&'a mut [f32]>,
     beta1: f32,
     beta2: f32,
     /// `1 − β`, formed in f64 as the tensor path's scalar is.
@@ -94,6 +79,13 @@ struct AdamKernel<'a> {
     /// `1 − lr·wd`, or `None` without decay.
     decay: Option<f32>,
     grad_scale: f32,
+}
+
+/// One AdamW step on a parameter's data in place (`InplaceOp2`: the weights, then the gradient).
+struct AdamKernel<'a> {
+    m: RefCell<&'a mut [f32]>,
+    v: RefCell<&'a mut [f32]>,
+    k: AdamScalars,
 }
 
 impl InplaceOp2 for AdamKernel<'_> {
@@ -123,18 +115,7 @@ impl InplaceOp2 for AdamKernel<'_> {
             candle_core::bail!("adamw: {} weights, {} gradients", w.len(), g.len());
         }
         // The scalars, copied out: the closure runs on several threads, the RefCells may not.
-        let k = AdamScalars {
-            beta1: self.beta1,
-            beta2: self.beta2,
-            one_minus_beta1: self.one_minus_beta1,
-            one_minus_beta2: self.one_minus_beta2,
-            inv_bc1: self.inv_bc1,
-            inv_bc2: self.inv_bc2,
-            eps: self.eps,
-            lr: self.lr,
-            decay: self.decay,
-            grad_scale: self.grad_scale,
-        };
+        let k = self.k;
         w.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
@@ -262,16 +243,18 @@ impl AdamW {
                     let kernel = AdamKernel {
                         m: RefCell::new(m.as_mut_slice()),
                         v: RefCell::new(v.as_mut_slice()),
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        one_minus_beta1: (1.0 - c.beta1) as f32,
-                        one_minus_beta2: (1.0 - c.beta2) as f32,
-                        inv_bc1: (1.0 / bc1) as f32,
-                        inv_bc2: (1.0 / bc2) as f32,
-                        eps: c.eps as f32,
-                        lr: lr as f32,
-                        decay: decay.then_some((1.0 - lr * c.weight_decay) as f32),
-                        grad_scale: grad_scale as f32,
+                        k: AdamScalars {
+                            beta1: c.beta1 as f32,
+                            beta2: c.beta2 as f32,
+                            one_minus_beta1: (1.0 - c.beta1) as f32,
+                            one_minus_beta2: (1.0 - c.beta2) as f32,
+                            inv_bc1: (1.0 / bc1) as f32,
+                            inv_bc2: (1.0 / bc2) as f32,
+                            eps: c.eps as f32,
+                            lr: lr as f32,
+                            decay: decay.then_some((1.0 - lr * c.weight_decay) as f32),
+                            grad_scale: grad_scale as f32,
+                        },
                     };
                     p.var.as_tensor().inplace_op2(&g, &kernel)?;
                 }

@@ -9,7 +9,9 @@
 //! nothing. The backward scales the saved gradients by the upstream gradient of the total.
 //! `dW` is computed only when the projection is trained (a frozen, tied embedding costs none).
 
-use super::{check_labels, f32_slice, kd_op, KdOp, LossConfig, LossParts, IGNORE, ROW_OUT};
+use super::{
+    check_labels, f32_slice, kd_op, teacher_rows, KdOp, LossConfig, LossParts, IGNORE, ROW_OUT,
+};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use distill_core::{Result, TeacherTargets};
 use rayon::prelude::*;
@@ -184,18 +186,16 @@ impl LmHeadKd {
             let body = |i: usize, s: &[f32], o: Option<&mut [f32]>, out: &mut [f32; ROW_OUT]| {
                 let r = r0 + i;
                 let trow = t.map(|(t, vt)| &t[r * vt..(r + 1) * vt]);
-                *out = self.kd.row(r, s, trow, None, None);
-                if let Some(o) = o {
-                    self.kd.row(
-                        r,
-                        s,
-                        trow,
-                        Some((&mut *o, self.w_kd, self.w_ce)),
-                        Some(&out[..]),
-                    );
-                    // Ids past the shared vocabulary get no gradient (the row leaves them).
-                    if self.kd.labels[r] != IGNORE {
-                        o[vshared..].fill(0.0);
+                match o {
+                    None => *out = self.kd.row(r, s, trow, None, None),
+                    // Value and gradient in one call: the logsumexps are computed once.
+                    Some(o) => {
+                        let g = Some((&mut *o, self.w_kd, self.w_ce));
+                        *out = self.kd.row(r, s, trow, g, None);
+                        // Ids past the shared vocabulary get no gradient (the row leaves them).
+                        if self.kd.labels[r] != IGNORE {
+                            o[vshared..].fill(0.0);
+                        }
                     }
                 }
             };
@@ -256,13 +256,7 @@ impl LmHeadKd {
         let h = f32_slice(h, lh, "hidden states")?;
         let w = f32_slice(w, lw, "output projection")?;
         let t = match t {
-            Some((t, lt)) => {
-                let (nt, vt) = lt.shape().dims2()?;
-                if nt != n {
-                    candle_core::bail!("kd loss: {n} student rows vs {nt} teacher rows");
-                }
-                Some((f32_slice(t, lt, "teacher logits")?, vt))
-            }
+            Some((t, lt)) => Some(teacher_rows(t, lt, n)?),
             None => None,
         };
         let out = self.run(h, d, w, v, t);
@@ -281,33 +275,22 @@ impl LmHeadKd {
             candle_core::bail!("fused lm-head loss: only the total (element 0) is differentiable");
         }
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-        let scaled = |v: Option<Vec<f32>>, like: &Tensor| -> candle_core::Result<Option<Tensor>> {
-            match v {
-                None => Ok(None),
-                Some(mut v) => {
-                    if g[0] != 1.0 {
-                        v.par_iter_mut().for_each(|x| *x *= g[0]);
-                    }
-                    Ok(Some(Tensor::from_vec(v, like.shape(), like.device())?))
-                }
+        // A gradient the forward kept, times g[0]; refused if an earlier backward took it.
+        let take = |need: bool, slot: &mut Option<Vec<f32>>, like: &Tensor| {
+            if !need {
+                return Ok(None);
             }
-        };
-        let dh = if self.need_dh {
-            match saved.dh.take() {
-                Some(v) => scaled(Some(v), h)?,
-                None => candle_core::bail!("fused lm-head loss: backward run twice"),
+            let Some(mut v) = slot.take() else {
+                candle_core::bail!("fused lm-head loss: backward run twice");
+            };
+            if g[0] != 1.0 {
+                v.par_iter_mut().for_each(|x| *x *= g[0]);
             }
-        } else {
-            None
+            Ok(Some(Tensor::from_vec(v, like.shape(), like.device())?))
         };
-        let dw = if self.need_dw {
-            match saved.dw.take() {
-                Some(v) => scaled(Some(v), w)?,
-                None => candle_core::bail!("fused lm-head loss: backward run twice"),
-            }
-        } else {
-            None
-        };
+        let saved = &mut *saved;
+        let dh = take(self.need_dh, &mut saved.dh, h)?;
+        let dw = take(self.need_dw, &mut saved.dw, w)?;
         Ok((dh, dw))
     }
 }
