@@ -19,6 +19,7 @@ pub mod run_dir;
 pub mod shards;
 pub mod testing;
 pub mod tokenizer;
+pub mod vexp;
 pub mod weights;
 
 pub use cache::TeacherTargets;

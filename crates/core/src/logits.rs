@@ -2,12 +2,11 @@
 //! them, eval scores them and the API returns them.
 
 /// Top-k of one row of raw logits, most likely first (ties: lower id first), written to `ids` and
-/// `logprobs` (len k each); returns the row's logsumexp (accumulated in f64).
+/// `logprobs` (len k each); returns the row's logsumexp (vectorised exponentials, f32 lanes over
+/// blocks added in f64: [`crate::vexp::lse`]).
 pub fn row_topk(row: &[f32], ids: &mut [u32], logprobs: &mut [f32]) -> f32 {
     let k = ids.len().min(row.len());
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
+    let lse = crate::vexp::lse(row, 1.0);
     if k == 0 {
         return lse;
     }
@@ -29,4 +28,28 @@ pub fn row_topk(row: &[f32], ids: &mut [u32], logprobs: &mut [f32]) -> f32 {
         logprobs[j] = x - lse;
     }
     lse
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_is_sorted_with_ties_by_id_and_lse_matches_f64() {
+        // 1,000 logits with a remainder past the 16-lane blocks; a tie between ids 3 and 700.
+        let mut row: Vec<f32> = (0..1000).map(|i| ((i as f32) * 0.731).sin() * 6.0).collect();
+        row[3] = 9.0;
+        row[700] = 9.0;
+        row[42] = 11.0;
+        let (mut ids, mut lps) = (vec![0u32; 4], vec![0f32; 4]);
+        let lse = row_topk(&row, &mut ids, &mut lps);
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let want = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        assert!((lse as f64 - want).abs() < 1e-5, "{lse} vs {want}");
+        assert_eq!(&ids[..3], &[42, 3, 700]);
+        for (&i, &lp) in ids.iter().zip(&lps) {
+            assert_eq!(lp, row[i as usize] - lse);
+        }
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]));
+    }
 }

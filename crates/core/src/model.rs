@@ -135,7 +135,8 @@ impl Rope {
         })
     }
 
-    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+    /// `x` (B, H, T, D) at positions `pos..pos+T`, rotated and multiplied by `scale`.
+    fn apply(&self, x: &Tensor, pos: usize, scale: f64) -> Result<Tensor> {
         let t = x.dim(2)?;
         if pos + t > self.cos.dim(0)? {
             candle_core::bail!(
@@ -148,6 +149,7 @@ impl Rope {
             x,
             &self.cos.narrow(0, pos, t)?,
             &self.sin.narrow(0, pos, t)?,
+            scale,
         )
     }
 }
@@ -186,6 +188,30 @@ impl Projections {
             },
             widths,
         })
+    }
+
+    /// The projections' outputs side by side, (…, Σ widths), from one GEMM. Trained parts are
+    /// concatenated at each call (a copy of the weights, small next to the product), so that
+    /// the concatenation's backward hands each Var its slice of the weight gradient.
+    fn forward_packed(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Projections::Fused { proj, .. } => proj.forward(x),
+            Projections::Separate(parts) => {
+                let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+                let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+                let bias = match biases.len() {
+                    0 => None,
+                    n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+                    // Some parts with a bias, some without: one product each.
+                    _ => return Tensor::cat(&self.forward(x)?, D::Minus1),
+                };
+                Linear {
+                    weight: Tensor::cat(&weights, 0)?,
+                    bias,
+                }
+                .forward(x)
+            }
+        }
     }
 
     /// One output per projection, each (…, width).
@@ -278,9 +304,10 @@ impl Attention {
         let q = heads(qkv[0].clone(), h)?;
         let k = heads(qkv[1].clone(), kvh)?;
         let v = heads(qkv[2].clone(), kvh)?;
-        // Scaling q before QKᵀ costs T·D multiplies per head instead of T·S.
-        let q = (rope.apply(&q, pos)? * (1.0 / (d as f64).sqrt()))?;
-        let k = rope.apply(&k, pos)?;
+        // Scaling q before QKᵀ costs T·D multiplies per head instead of T·S (here, none: the
+        // rotation's pass does it).
+        let q = rope.apply(&q, pos, 1.0 / (d as f64).sqrt())?;
+        let k = rope.apply(&k, pos, 1.0)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(&k, &v)?,
             None => (k, v),
@@ -292,13 +319,16 @@ impl Attention {
         let q = q.reshape((b, kvh, rep * t, d))?;
         let att = q.matmul(&k.t()?)?; // (B, kvh, rep·T, S)
         let att = match mask {
-            Some(mask) => att
-                .reshape((b, kvh, rep, t, s))?
-                .broadcast_add(mask)?
-                .reshape((b, kvh, rep * t, s))?,
-            None => att,
+            Some(mask) => match ops::masked_softmax(&att, mask)? {
+                Some(att) => att,
+                None => ops::softmax_last_dim(
+                    &att.reshape((b, kvh, rep, t, s))?
+                        .broadcast_add(mask)?
+                        .reshape((b, kvh, rep * t, s))?,
+                )?,
+            },
+            None => ops::softmax_last_dim(&att)?,
         };
-        let att = ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?; // (B, kvh, rep·T, D)
         y.reshape((b, h, t, d))?
             .transpose(1, 2)?
@@ -328,8 +358,8 @@ impl Mlp {
 impl Mlp {
     /// The gated activations the down projection reads, (…, intermediate).
     fn activations(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up.forward(x)?;
-        gate_up[0].silu()? * &gate_up[1]
+        let width = self.down_proj.weight.dim(1)?;
+        ops::swiglu_packed(&self.gate_up.forward_packed(x)?, width)
     }
 }
 

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 mod fused;
-mod vexp;
+use distill_core::vexp;
 pub use fused::{distill_loss_from_hidden, fused_buffer_bytes};
 
 /// A label that takes no part in the loss (padding, positions without a next token).

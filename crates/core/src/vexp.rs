@@ -1,7 +1,9 @@
-//! Vectorised row kernels of the loss: exponentials of affine maps of a logit row, their sums and
-//! the forward-KL value and gradient, compiled three times (AVX-512, AVX2+FMA, baseline) and chosen
-//! at run time. glibc's `expf` is a scalar call per element; here the exponential is a branch-free
-//! polynomial that the compiler vectorises with the row loop.
+//! Vectorised row kernels, compiled three times (AVX-512, AVX2+FMA, baseline) and chosen at run
+//! time: for the KD loss, exponentials of affine maps of a logit row, their sums and the
+//! forward-KL value and gradient; for the model's fused ops ([`crate::ops`]), the masked softmax,
+//! SwiGLU, RMSNorm and rotary rows, forward and backward. glibc's `expf` is a scalar call per
+//! element; here the exponential is a branch-free polynomial that the compiler vectorises with the
+//! row loop.
 //!
 //! `exp` is Cephes' `expf`: `x = n ln2 + r` with `|r| ≤ ln2/2`, a degree-7 polynomial for `e^r`
 //! and `2^n` from the exponent bits; relative error ≤ 2 ulp over the clamped range
@@ -76,18 +78,175 @@ macro_rules! multiversion {
     };
 }
 
+#[inline(always)]
+fn max_imp(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; L];
+    let chunks = x.chunks_exact(L);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for l in 0..L {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    rem.iter().fold(acc.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, &v| m.max(v))
+}
+
+/// `Σ a·b` in f32 lanes (rows of the fused ops are short: a few hundred to a few thousand).
+#[inline(always)]
+fn dot_imp(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0f32; L];
+    let full = n / L * L;
+    for (ca, cb) in a[..full].chunks_exact(L).zip(b[..full].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let tail: f32 = (full..n).map(|j| a[j] * b[j]).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The logistic function `1 / (1 + e^-x)` (0 < σ ≤ 1; below x ≈ −88 it bottoms out near 1e-38).
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
 multiversion! {
     /// The largest element (−∞ for an empty row; NaNs ignored, as `f32::max` does).
     pub fn max(x: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; L];
-        let chunks = x.chunks_exact(L);
-        let rem = chunks.remainder();
-        for c in chunks {
+        max_imp(x)
+    }
+}
+
+multiversion! {
+    /// Softmax of `a + m` (`m` an additive mask row, −∞ where hidden) into `out`. Masked entries,
+    /// and any below e^-87.3 of the row's largest, are exactly 0; a row with nothing visible is
+    /// all zeros.
+    pub fn softmax_masked(a: &[f32], m: &[f32], out: &mut [f32]) {
+        let n = out.len().min(a.len()).min(m.len());
+        let out = &mut out[..n];
+        for j in 0..n {
+            out[j] = a[j] + m[j];
+        }
+        let mx = max_imp(out);
+        if mx == f32::NEG_INFINITY {
+            out.fill(0.0);
+            return;
+        }
+        let mut acc = [0f32; L];
+        let full = n / L * L;
+        for c in out[..full].chunks_exact_mut(L) {
             for l in 0..L {
-                acc[l] = acc[l].max(c[l]);
+                let z = c[l] - mx;
+                let e = if z > -87.3 { exp(z) } else { 0.0 };
+                c[l] = e;
+                acc[l] += e;
             }
         }
-        rem.iter().fold(acc.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, &v| m.max(v))
+        let mut tail = 0f32;
+        for v in out[full..].iter_mut() {
+            let z = *v - mx;
+            *v = if z > -87.3 { exp(z) } else { 0.0 };
+            tail += *v;
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
+        for v in out.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// The softmax's backward: `out = y ⊙ (dy − Σ y·dy)`.
+    pub fn softmax_grad(y: &[f32], dy: &[f32], out: &mut [f32]) {
+        let d = dot_imp(y, dy);
+        for ((o, &y), &g) in out.iter_mut().zip(y).zip(dy) {
+            *o = y * (g - d);
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU: `out = silu(g) · u`, `silu(g) = g σ(g)`.
+    pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU's backward: `dg = dy · u · σ(g)(1 + g(1 − σ(g)))`, `du = dy · silu(g)`.
+    pub fn swiglu_grad(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        let n = g.len().min(u.len()).min(dy.len()).min(dg.len()).min(du.len());
+        for j in 0..n {
+            let s = sigmoid(g[j]);
+            dg[j] = dy[j] * u[j] * s * (1.0 + g[j] * (1.0 - s));
+            du[j] = dy[j] * g[j] * s;
+        }
+    }
+}
+
+multiversion! {
+    /// RMSNorm of one row: `out = x · r · w` with `r = 1/√(mean(x²) + eps)`; returns `r`.
+    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> f32 {
+        let r = 1.0 / (dot_imp(x, x) / x.len() as f32 + eps).sqrt();
+        for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+            *o = x * r * w;
+        }
+        r
+    }
+}
+
+multiversion! {
+    /// RMSNorm's backward for one row: `dx = r·g − x·r³·(Σ g·x)/n` with `g = dy ⊙ w` and `r` as
+    /// [`rms_norm`] computes it, and `dw += dy ⊙ x · r` when `dw` is given.
+    pub fn rms_norm_grad(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        eps: f32,
+        dx: &mut [f32],
+        dw: Option<&mut [f32]>,
+    ) {
+        let n = x.len().min(w.len()).min(dy.len()).min(dx.len());
+        let (x, w, dy) = (&x[..n], &w[..n], &dy[..n]);
+        let r = 1.0 / (dot_imp(x, x) / n as f32 + eps).sqrt();
+        let mut acc = [0f32; L];
+        let full = n / L * L;
+        let lanes = x[..full].chunks_exact(L).zip(w[..full].chunks_exact(L));
+        for ((cx, cw), cg) in lanes.zip(dy[..full].chunks_exact(L)) {
+            for l in 0..L {
+                acc[l] += cg[l] * cw[l] * cx[l];
+            }
+        }
+        let tail: f32 = (full..n).map(|j| dy[j] * w[j] * x[j]).sum();
+        let c = r * r * r * (acc.iter().sum::<f32>() + tail) / n as f32;
+        for j in 0..n {
+            dx[j] = r * dy[j] * w[j] - x[j] * c;
+        }
+        if let Some(dw) = dw {
+            for j in 0..n.min(dw.len()) {
+                dw[j] += dy[j] * x[j] * r;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One position's half-split rotation (HF Llama's `rotate_half`) times `scale`:
+    /// `out₁ = (x₁ c − s·x₂ sn)·scale`, `out₂ = (x₂ c + s·x₁ sn)·scale`, with `s` = +1 (forward)
+    /// or −1 (the inverse rotation: the backward).
+    pub fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, scale: f32, out: &mut [f32]) {
+        let half = cos.len().min(sin.len()).min(x.len() / 2).min(out.len() / 2);
+        let (x1, x2) = x.split_at(half);
+        let (o1, o2) = out.split_at_mut(half);
+        for i in 0..half {
+            let (c, s) = (cos[i], sign * sin[i]);
+            o1[i] = (x1[i] * c - x2[i] * s) * scale;
+            o2[i] = (x2[i] * c + x1[i] * s) * scale;
+        }
     }
 }
 

@@ -1,0 +1,284 @@
+//! The layers' elementwise ops as CPU kernels with their own backward: RMSNorm, the rotary
+//! embedding (with the attention's 1/√d folded in), the masked softmax of the attention scores and
+//! SwiGLU of the packed gate-and-up product. Each is one parallel pass over its rows forward and one backward ([`crate::vexp`]'s
+//! kernels), where candle's differentiable composites take five to ten ops and their backward
+//! graphs twice that (a temporary, a zero-filled gradient accumulator and a pass each).
+//!
+//! Rows are split into fixed-size tasks and per-task partial sums (RMSNorm's weight gradient) are
+//! added in task order, so results do not depend on the thread count or on scheduling: resumed runs
+//! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
+//! only then and keeps candle's ops for other devices.
+
+use crate::vexp;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+
+/// Rows per parallel task: enough work to amortise the dispatch, small enough to balance.
+const ROWS_PER_TASK: usize = 32;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{op}: f32 inputs only"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: contiguous inputs only"),
+    }
+}
+
+/// Runs `f` over the data of a contiguous f32 CPU tensor, under its storage's read lock.
+fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(c) => f(slice(c, layout, op)?),
+        _ => candle_core::bail!("{op}: CPU tensors only"),
+    }
+}
+
+fn cpu_tensor(data: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// `out[r] = f(r, in[r])` for rows of `n`, in parallel tasks — or on this thread when there is
+/// only one task's work (decoding: handing a row to the pool costs more than the row).
+fn map_rows(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.len() <= n * ROWS_PER_TASK {
+        for (r, row) in out.chunks_mut(n).enumerate() {
+            f(r, row);
+        }
+        return;
+    }
+    out.par_chunks_mut(n * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            for (i, row) in rows.chunks_mut(n).enumerate() {
+                f(task * ROWS_PER_TASK + i, row);
+            }
+        });
+}
+
+/// RMSNorm over the last dimension: `x / √(mean(x²) + eps) · w`. Arguments: x (…, n), w (n).
+pub(super) struct RmsNorm {
+    pub eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "distill-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(sx, lx, self.name())?, slice(sw, lw, self.name())?);
+        let n = w.len();
+        if n == 0 || lx.dims().last() != Some(&n) {
+            candle_core::bail!("rms-norm: weight of {n} for input {:?}", lx.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        map_rows(&mut out, n, |r, o| {
+            vexp::rms_norm(&x[r * n..(r + 1) * n], w, self.eps, o);
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let n = w.elem_count();
+        let need_dw = w.track_op();
+        let (dx, dw) = with_data(x, self.name(), |x| {
+            with_data(w, self.name(), |w| {
+                with_data(&dy, self.name(), |dy| {
+                    let mut dx = vec![0f32; x.len()];
+                    // One partial weight gradient per task, added in task order (deterministic).
+                    let partials: Vec<Option<Vec<f32>>> = dx
+                        .par_chunks_mut(n * ROWS_PER_TASK)
+                        .enumerate()
+                        .map(|(task, rows)| {
+                            let mut dw = need_dw.then(|| vec![0f32; n]);
+                            for (i, dxr) in rows.chunks_mut(n).enumerate() {
+                                let r = task * ROWS_PER_TASK + i;
+                                let span = r * n..(r + 1) * n;
+                                vexp::rms_norm_grad(
+                                    &x[span.clone()],
+                                    w,
+                                    &dy[span],
+                                    self.eps,
+                                    dxr,
+                                    dw.as_deref_mut(),
+                                );
+                            }
+                            dw
+                        })
+                        .collect();
+                    let dw = need_dw.then(|| {
+                        let mut total = vec![0f32; n];
+                        for p in partials.iter().flatten() {
+                            total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+                        }
+                        total
+                    });
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        let dw = dw.map(|d| cpu_tensor(d, w.shape())).transpose()?;
+        Ok((Some(cpu_tensor(dx, x.shape())?), dw))
+    }
+}
+
+/// The half-split rotary embedding times `scale`. Argument: x (B, H, T, D); `cos`, `sin`: (T, D/2)
+/// for x's positions.
+pub(super) struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub scale: f32,
+}
+
+impl Rope {
+    /// Rotates every (B·H·T) row of `x` by `sign` (+1 forward, −1 backward).
+    fn rotate(&self, x: &[f32], dims: &[usize], sign: f32) -> Result<Vec<f32>> {
+        let (t, d) = match dims {
+            [_, _, t, d] => (*t, *d),
+            _ => candle_core::bail!("rope: input of shape {dims:?}, expected (B, H, T, D)"),
+        };
+        let half = d / 2;
+        let name = "distill-rope";
+        with_data(&self.cos, name, |cos| {
+            with_data(&self.sin, name, |sin| {
+                if d % 2 != 0 || cos.len() != t * half || sin.len() != t * half {
+                    candle_core::bail!("rope: tables of {} for T = {t}, D = {d}", cos.len());
+                }
+                let mut out = vec![0f32; x.len()];
+                map_rows(&mut out, d, |r, o| {
+                    let p = (r % t) * half;
+                    let (c, s) = (&cos[p..p + half], &sin[p..p + half]);
+                    vexp::rope_row(&x[r * d..(r + 1) * d], c, s, sign, self.scale, o);
+                });
+                Ok(out)
+            })
+        })
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "distill-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = self.rotate(slice(s, l, self.name())?, l.dims(), 1.0)?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        // A rotation's transpose is the opposite rotation.
+        let dy = dy.contiguous()?;
+        let dx = with_data(&dy, self.name(), |g| self.rotate(g, x.dims(), -1.0))?;
+        Ok(Some(cpu_tensor(dx, x.shape())?))
+    }
+}
+
+/// Softmax over the last dimension of `att + mask`, where `mask` (T, S) is additive (−∞ where
+/// hidden) and row `r` of `att` (…, S) takes mask row `r mod T` — the layout of the attention
+/// scores (B, kv-heads, rep·T, S), whose rows cycle through the T query positions.
+pub(super) struct MaskedSoftmax {
+    pub mask: Tensor,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "distill-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = slice(s, l, self.name())?;
+        let (t, n) = self.mask.dims2()?;
+        if l.dims().last() != Some(&n) || (a.len() / n) % t != 0 {
+            candle_core::bail!("masked softmax: mask ({t}, {n}) for scores {:?}", l.dims());
+        }
+        let out = with_data(&self.mask, self.name(), |m| {
+            let mut out = vec![0f32; a.len()];
+            map_rows(&mut out, n, |r, o| {
+                let q = r % t;
+                vexp::softmax_masked(&a[r * n..(r + 1) * n], &m[q * n..(q + 1) * n], o);
+            });
+            Ok(out)
+        })?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, att: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        let n = self.mask.dim(1)?;
+        let dx = with_data(y, self.name(), |y| {
+            with_data(&dy, self.name(), |g| {
+                let mut dx = vec![0f32; y.len()];
+                map_rows(&mut dx, n, |r, o| {
+                    let span = r * n..(r + 1) * n;
+                    vexp::softmax_grad(&y[span.clone()], &g[span], o);
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(cpu_tensor(dx, att.shape())?))
+    }
+}
+
+/// SwiGLU of a packed (…, 2·width) tensor whose rows are `[gate | up]` (the output of one
+/// gate-and-up GEMM), → (…, width); the backward writes the packed gradient `[dgate | dup]`.
+pub(super) struct SwiGluPacked {
+    pub width: usize,
+}
+
+impl CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "distill-swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let w = self.width;
+        if w == 0 || l.dims().last() != Some(&(2 * w)) {
+            candle_core::bail!("swiglu: packed rows of {:?} for width {w}", l.dims());
+        }
+        let mut out = vec![0f32; x.len() / 2];
+        map_rows(&mut out, w, |r, o| {
+            let row = &x[2 * w * r..2 * w * (r + 1)];
+            vexp::swiglu(&row[..w], &row[w..], o);
+        });
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("checked: at least one dimension") = w;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        let w = self.width;
+        let dx = with_data(x, self.name(), |xs| {
+            with_data(&dy, self.name(), |g| {
+                let mut dx = vec![0f32; xs.len()];
+                map_rows(&mut dx, 2 * w, |r, o| {
+                    let row = &xs[2 * w * r..2 * w * (r + 1)];
+                    let (dg, du) = o.split_at_mut(w);
+                    vexp::swiglu_grad(&row[..w], &row[w..], &g[w * r..w * (r + 1)], dg, du);
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(cpu_tensor(dx, x.shape())?))
+    }
+}

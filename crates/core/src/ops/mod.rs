@@ -1,0 +1,300 @@
+//! The model's non-matmul ops. On CPU (f32) each is one of [`grad`]'s kernels — one parallel
+//! pass forward, and a backward of its own when a gradient flows. Elsewhere, candle's fused kernel
+//! when no gradient is needed (teacher, generation, eval) and a composite of differentiable ops
+//! when one is (student training): candle's fused `rms_norm`, `rope` and `softmax_last_dim` have
+//! no backward and would silently cut the graph (CANDLE-NOTES.md), so the choice is made on the
+//! inputs themselves: `Tensor::track_op` is true exactly when a gradient can flow through it.
+
+mod grad;
+
+use candle_core::{DType, Result, Tensor, D};
+
+fn needs_grad(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|x| x.track_op())
+}
+
+/// Whether [`grad`]'s CPU kernels can take these tensors.
+fn cpu_f32(xs: &[&Tensor]) -> bool {
+    xs.iter()
+        .all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`, in f32.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_f32(&[x, weight]) {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, grad::RmsNorm { eps: eps as f32 })
+    } else if needs_grad(&[x, weight]) {
+        candle_nn::ops::rms_norm_slow(x, weight, eps as f32)
+    } else {
+        candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)
+    }
+}
+
+/// Half-split rotary embedding (HF Llama's `rotate_half` layout), times `scale` (the attention's
+/// 1/√d for queries, 1 for keys). `x`: (B, H, T, D); `cos`, `sin`: (T, D/2) for the positions of
+/// `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    if cpu_f32(&[x, cos, sin]) {
+        return x.contiguous()?.apply_op1(grad::Rope {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            scale: scale as f32,
+        });
+    }
+    let y = if needs_grad(&[x]) {
+        candle_nn::rotary_emb::rope_slow(x, cos, sin)?
+    } else {
+        candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?
+    };
+    if scale == 1.0 {
+        Ok(y)
+    } else {
+        y * scale
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if needs_grad(&[x]) {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// Softmax over the last dimension of `att + mask` for attention scores `att` (…, S) whose rows
+/// cycle through T query positions (row `r` is position `r mod T`) and an additive mask (T, S),
+/// −∞ where hidden; masked entries come out exactly 0. None when the inputs are not f32 CPU
+/// tensors of that kind: the caller then adds the mask and calls [`softmax_last_dim`].
+pub fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
+    let fits = cpu_f32(&[att, mask])
+        && !needs_grad(&[mask])
+        && mask.rank() == 2
+        && att.dims().last() == mask.dims().last()
+        && (att.elem_count() / mask.dim(1)?.max(1)) % mask.dim(0)?.max(1) == 0;
+    if !fits {
+        return Ok(None);
+    }
+    Ok(Some(att.contiguous()?.apply_op1(grad::MaskedSoftmax {
+        mask: mask.contiguous()?,
+    })?))
+}
+
+/// SwiGLU of packed rows `[gate | up]` (…, 2·width) → (…, width): the output of one gate-and-up
+/// GEMM.
+pub fn swiglu_packed(gate_up: &Tensor, width: usize) -> Result<Tensor> {
+    if cpu_f32(&[gate_up]) {
+        gate_up
+            .contiguous()?
+            .apply_op1(grad::SwiGluPacked { width })
+    } else {
+        gate_up.narrow(D::Minus1, 0, width)?.silu()? * gate_up.narrow(D::Minus1, width, width)?
+    }
+}
+
+/// `x Wᵀ` for a single row `x` (1, in) and a contiguous f32 CPU weight (out, in), the shape of
+/// every matmul in batch-1 decoding. That product is memory-bound (the weights are read once per
+/// token); gemm's fork/join per call costs more than it saves there, so this streams the rows
+/// in parallel chunks with a dot product compiled for AVX2+FMA when the CPU has it.
+/// Returns None when the inputs are not of that kind (the caller uses a matmul).
+pub fn cpu_gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    if !x.device().is_cpu()
+        || x.dtype() != candle_core::DType::F32
+        || w.dtype() != candle_core::DType::F32
+        || needs_grad(&[x, w])
+    {
+        return Ok(None);
+    }
+    let (out, inp) = w.dims2()?;
+    if x.elem_count() != inp {
+        return Ok(None);
+    }
+    let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let wdata = &cpu.as_slice::<f32>()?[start..end];
+    let mut y = vec![0f32; out];
+    const ROWS: usize = 64;
+    y.par_chunks_mut(ROWS).enumerate().for_each(|(c, chunk)| {
+        for (j, yj) in chunk.iter_mut().enumerate() {
+            let r = c * ROWS + j;
+            *yj = dot(&wdata[r * inp..(r + 1) * inp], &xv);
+        }
+    });
+    Ok(Some(Tensor::from_vec(y, (1, out), x.device())?))
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_avx2_fma(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+/// Sixteen independent accumulators so the compiler vectorises without reassociating a sum.
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    use crate::testing::max_abs_diff as max_diff;
+
+    /// Value and gradients of `f` at `args` (as Vars) under the loss Σ f(args) ⊙ r for fixed
+    /// weights `r`: what a kernel and its candle composite must agree on.
+    fn value_and_grads(
+        args: &[&Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let vars: Vec<Var> = args.iter().map(|a| Var::from_tensor(a)).collect::<Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let weights = Tensor::arange(0f32, y.elem_count() as f32, y.device())?
+            .reshape(y.shape())?
+            .affine(0.37, 0.0)?
+            .sin()?;
+        let grads = (&y * &weights)?.sum_all()?.backward()?;
+        let gs = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned().expect("every argument gets a gradient"))
+            .collect();
+        Ok((y.detach(), gs))
+    }
+
+    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let d = max_diff(a, b);
+        assert!(d <= tol * scale, "{what}: max |Δ| {d} (scale {scale})");
+    }
+
+    /// Each CPU kernel against candle's differentiable composite: values and gradients.
+    #[test]
+    fn kernels_match_candle_composites_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        // 3 × 37 rows: two tasks of ROWS_PER_TASK and a short one; widths with remainders.
+        let x = Tensor::randn(0f32, 1., (3, 37, 40), &dev)?;
+        let w = (Tensor::randn(0f32, 1., 40, &dev)? + 1.0)?;
+        let (y, g) = value_and_grads(&[&x, &w], |a| rms_norm(&a[0], &a[1], 1e-5))?;
+        let (y0, g0) = value_and_grads(&[&x, &w], |a| {
+            candle_nn::ops::rms_norm_slow(&a[0], &a[1], 1e-5)
+        })?;
+        assert_close("rms_norm", &y, &y0, 1e-5);
+        assert_close("rms_norm dx", &g[0], &g0[0], 1e-4);
+        assert_close("rms_norm dw", &g[1], &g0[1], 1e-4);
+
+        let q = Tensor::randn(0f32, 1., (2, 3, 21, 16), &dev)?;
+        let table = Tensor::randn(0f32, 1., (30, 8), &dev)?;
+        let (cos, sin) = (table.cos()?.narrow(0, 5, 21)?, table.sin()?.narrow(0, 5, 21)?);
+        let (y, g) = value_and_grads(&[&q], |a| rope(&a[0], &cos, &sin, 0.25))?;
+        let (y0, g0) = value_and_grads(&[&q], |a| {
+            candle_nn::rotary_emb::rope_slow(&a[0], &cos, &sin)? * 0.25
+        })?;
+        assert_close("rope", &y, &y0, 1e-6);
+        assert_close("rope dx", &g[0], &g0[0], 1e-6);
+        // Without a gradient, the kernel equals candle's fused rope.
+        let fused = (candle_nn::rotary_emb::rope(&q, &cos.contiguous()?, &sin.contiguous()?)? * 0.25)?;
+        assert_close("rope (no grad)", &rope(&q, &cos, &sin, 0.25)?, &fused, 1e-6);
+
+        // Scores (B, kvh, rep·T, S) with a causal mask, as attention makes them (T = 7, S = 9).
+        let att = Tensor::randn(0f32, 2., (2, 3, 2 * 7, 9), &dev)?;
+        let mask = crate::model::causal_mask(7, 2, None, &dev)?;
+        let (y, g) = value_and_grads(&[&att], |a| {
+            Ok(masked_softmax(&a[0], &mask)?.expect("f32 CPU scores take the kernel"))
+        })?;
+        let (y0, g0) = value_and_grads(&[&att], |a| {
+            let m = a[0].reshape((2, 3, 2, 7, 9))?.broadcast_add(&mask)?;
+            candle_nn::ops::softmax(&m.reshape((2, 3, 14, 9))?, D::Minus1)
+        })?;
+        assert_close("masked softmax", &y, &y0, 1e-6);
+        assert_close("masked softmax dx", &g[0], &g0[0], 1e-5);
+        // Hidden entries are exactly zero (candle's exp(−∞) is too).
+        let hidden = y.reshape((12, 7, 9))?.narrow(1, 0, 1)?.narrow(2, 3, 6)?;
+        assert_eq!(hidden.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        // A mask that does not fit the scores is declined.
+        assert!(masked_softmax(&att, &Tensor::zeros((5, 9), DType::F32, &dev)?)?.is_none());
+
+        let gate = Tensor::randn(0f32, 3., (5, 37), &dev)?;
+        let up = Tensor::randn(0f32, 1., (5, 37), &dev)?;
+        let packed = Tensor::cat(&[&gate, &up], 1)?;
+        let (y, g) = value_and_grads(&[&packed], |a| swiglu_packed(&a[0], 37))?;
+        let (y0, g0) = value_and_grads(&[&gate, &up], |a| a[0].silu()? * &a[1])?;
+        assert_close("swiglu", &y, &y0, 1e-6);
+        let g0 = Tensor::cat(&[&g0[0], &g0[1]], 1)?;
+        assert_close("swiglu d[gate|up]", &g[0], &g0, 1e-5);
+        Ok(())
+    }
+
+    /// The kernels' results do not depend on the thread count (resumed runs stay bit-identical).
+    #[test]
+    fn kernels_are_deterministic_across_thread_counts() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (300, 64), &dev)?;
+        let w = Tensor::randn(0f32, 1., 64, &dev)?;
+        let run = || value_and_grads(&[&x, &w], |a| rms_norm(&a[0], &a[1], 1e-5));
+        let (y1, g1) = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a one-thread pool")
+            .install(run)?;
+        let (y2, g2) = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a three-thread pool")
+            .install(run)?;
+        assert_eq!(max_diff(&y1, &y2), 0.0);
+        assert_eq!(max_diff(&g1[1], &g2[1]), 0.0, "dw summed in task order");
+        Ok(())
+    }
+
+    #[test]
+    fn gemv_equals_matmul_and_declines_what_it_cannot_do() -> Result<()> {
+        let dev = Device::Cpu;
+        // 37 columns: two 16-wide blocks and a remainder; 130 rows: three chunks, the last short.
+        let x = Tensor::randn(0f32, 1., (1, 37), &dev)?;
+        let w = Tensor::randn(0f32, 1., (130, 37), &dev)?;
+        let y = cpu_gemv(&x, &w)?.expect("f32 CPU inputs take the gemv path");
+        assert_eq!(y.dims(), &[1, 130]);
+        assert!(max_diff(&y, &x.matmul(&w.t()?)?) < 1e-5);
+        // A weight that needs a gradient goes through candle's matmul (which has a backward).
+        let wv = Var::from_tensor(&w)?;
+        assert!(cpu_gemv(&x, wv.as_tensor())?.is_none());
+        // A transposed (non-contiguous) weight is declined too.
+        let wt = Tensor::randn(0f32, 1., (37, 130), &dev)?.t()?;
+        assert!(cpu_gemv(&x, &wt)?.is_none());
+        Ok(())
+    }
+}
