@@ -300,8 +300,20 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `mi_option_arena_reserve` (index 23 of `mi_option_e` in mimalloc v2's mimalloc.h).
 const MI_OPTION_ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
 
-/// The arena committed at start (address space; memory only as it is touched).
-const RESERVED_ARENA_BYTES: usize = 8 << 30;
+/// GiB of the arena committed at start: `DISTILL_ARENA_GIB`, else 8 — and none under strict
+/// overcommit accounting, where committed memory is charged whether touched or not.
+fn reserved_arena_gib() -> usize {
+    if let Some(gib) = std::env::var("DISTILL_ARENA_GIB")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return gib;
+    }
+    match std::fs::read_to_string("/proc/sys/vm/overcommit_memory") {
+        Ok(mode) if mode.trim() == "2" => 0,
+        _ => 8,
+    }
+}
 
 fn main() {
     // Every forward allocates and frees tensors of hundreds of MB (all-position logits are
@@ -315,22 +327,26 @@ fn main() {
     // Even so, arenas reserved on demand are committed on demand, and each forward's fresh
     // blocks came back page-faulted and zeroed by the kernel (3–4 s of system time in 12 s of
     // `bench teacher`). One arena committed up front, as `MIMALLOC_RESERVE_OS_MEMORY` would
-    // make, is reused instead: −70% system time, +10% teacher tok/s. Committed address space
-    // costs no memory until touched; allocations beyond it fall back to the arenas above.
+    // make, is reused instead: −70% system time, +10% teacher tok/s. Under the kernel's default
+    // overcommit heuristic committed address space costs no memory until touched; under strict
+    // accounting (`vm.overcommit_memory = 2`) it would be charged in full, so none is reserved
+    // there. DISTILL_ARENA_GIB sets its size (0: none).
     // SAFETY: as above.
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
         libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 16 * 1024 * 1024);
         // KiB
-        let mut arena: libmimalloc_sys::mi_arena_id_t = std::mem::zeroed();
-        // A refusal (an address-space limit) only leaves the default behaviour.
-        let _ = libmimalloc_sys::mi_reserve_os_memory_ex(
-            RESERVED_ARENA_BYTES,
-            true,
-            true,
-            false,
-            &mut arena,
-        );
+        let gib = reserved_arena_gib();
+        if gib > 0 {
+            // A refusal (an address-space limit) only leaves the default behaviour.
+            let _ = libmimalloc_sys::mi_reserve_os_memory_ex(
+                gib << 30,
+                true,
+                false,
+                false,
+                std::ptr::null_mut(),
+            );
+        }
     };
     let cli = Cli::parse();
     if let Err(e) = run(cli) {

@@ -122,7 +122,8 @@ multiversion! {
 multiversion! {
     /// Softmax of `a + m` (`m` an additive mask row, −∞ where hidden) into `out`. Masked entries,
     /// and any below e^-87.3 of the row's largest, are exactly 0; a row with nothing visible is
-    /// all zeros.
+    /// all zeros. A NaN makes the whole row NaN, as candle's softmax does (a diverging model
+    /// shows, rather than being silently masked).
     pub fn softmax_masked(a: &[f32], m: &[f32], out: &mut [f32]) {
         let n = out.len().min(a.len()).min(m.len());
         let out = &mut out[..n];
@@ -131,7 +132,9 @@ multiversion! {
         }
         let mx = max_imp(out);
         if mx == f32::NEG_INFINITY {
-            out.fill(0.0);
+            // Nothing visible, or nothing but NaN (which `max` skips).
+            let fill = if out.iter().any(|v| v.is_nan()) { f32::NAN } else { 0.0 };
+            out.fill(fill);
             return;
         }
         let mut acc = [0f32; L];
@@ -139,7 +142,8 @@ multiversion! {
         for c in out[..full].chunks_exact_mut(L) {
             for l in 0..L {
                 let z = c[l] - mx;
-                let e = if z > -87.3 { exp(z) } else { 0.0 };
+                // NaN fails `<=` and goes through `exp`, which keeps it NaN.
+                let e = if z <= -87.3 { 0.0 } else { exp(z) };
                 c[l] = e;
                 acc[l] += e;
             }
@@ -147,7 +151,7 @@ multiversion! {
         let mut tail = 0f32;
         for v in out[full..].iter_mut() {
             let z = *v - mx;
-            *v = if z > -87.3 { exp(z) } else { 0.0 };
+            *v = if z <= -87.3 { 0.0 } else { exp(z) };
             tail += *v;
         }
         let inv = 1.0 / (acc.iter().sum::<f32>() + tail);

@@ -45,6 +45,9 @@ fn cpu_tensor(data: Vec<f32>, shape: &Shape) -> Result<Tensor> {
 /// `out[r] = f(r, in[r])` for rows of `n`, in parallel tasks — or on this thread when there is
 /// only one task's work (decoding: handing a row to the pool costs more than the row).
 fn map_rows(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if n == 0 {
+        return;
+    }
     if out.len() <= n * ROWS_PER_TASK {
         for (r, row) in out.chunks_mut(n).enumerate() {
             f(r, row);
@@ -207,8 +210,10 @@ impl CustomOp1 for MaskedSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let a = slice(s, l, self.name())?;
         let (t, n) = self.mask.dims2()?;
-        if l.dims().last() != Some(&n) || (a.len() / n) % t != 0 {
-            candle_core::bail!("masked softmax: mask ({t}, {n}) for scores {:?}", l.dims());
+        let dims = l.dims();
+        let rows_per_head = dims.len().checked_sub(2).map(|i| dims[i]);
+        if dims.last() != Some(&n) || t == 0 || rows_per_head.is_none_or(|r| r % t != 0) {
+            candle_core::bail!("masked softmax: mask ({t}, {n}) for scores {dims:?}");
         }
         let out = with_data(&self.mask, self.name(), |m| {
             let mut out = vec![0f32; a.len()];

@@ -63,16 +63,20 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension of `att + mask` for attention scores `att` (…, S) whose rows
-/// cycle through T query positions (row `r` is position `r mod T`) and an additive mask (T, S),
-/// −∞ where hidden; masked entries come out exactly 0. None when the inputs are not f32 CPU
-/// tensors of that kind: the caller then adds the mask and calls [`softmax_last_dim`].
+/// Softmax over the last dimension of `att + mask` for attention scores `att` (…, R, S) whose R
+/// rows cycle through T query positions (row `r` is position `r mod T`, R a multiple of T) and an
+/// additive mask (T, S), −∞ where hidden; masked entries come out exactly 0. None when the inputs
+/// are not non-empty f32 CPU tensors of that kind: the caller then adds the mask and calls
+/// [`softmax_last_dim`].
 pub fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
     let fits = cpu_f32(&[att, mask])
         && !needs_grad(&[mask])
         && mask.rank() == 2
+        && att.rank() >= 2
+        && att.elem_count() > 0
         && att.dims().last() == mask.dims().last()
-        && (att.elem_count() / mask.dim(1)?.max(1)) % mask.dim(0)?.max(1) == 0;
+        && mask.dim(0)? > 0
+        && att.dim(D::Minus2)? % mask.dim(0)? == 0;
     if !fits {
         return Ok(None);
     }
@@ -247,8 +251,9 @@ mod tests {
         // A mask that does not fit the scores is declined.
         assert!(masked_softmax(&att, &Tensor::zeros((5, 9), DType::F32, &dev)?)?.is_none());
 
-        let gate = Tensor::randn(0f32, 3., (5, 37), &dev)?;
-        let up = Tensor::randn(0f32, 1., (5, 37), &dev)?;
+        // 45 rows: a parallel task of 32 and a short one.
+        let gate = Tensor::randn(0f32, 3., (45, 37), &dev)?;
+        let up = Tensor::randn(0f32, 1., (45, 37), &dev)?;
         let packed = Tensor::cat(&[&gate, &up], 1)?;
         let (y, g) = value_and_grads(&[&packed], |a| swiglu_packed(&a[0], 37))?;
         let (y0, g0) = value_and_grads(&[&gate, &up], |a| a[0].silu()? * &a[1])?;
@@ -258,25 +263,62 @@ mod tests {
         Ok(())
     }
 
+    /// Every kernel's value and gradients, on inputs of several tasks' rows.
+    fn all_kernels(dev: &Device) -> Result<Vec<Tensor>> {
+        let x = Tensor::arange(0f32, 300. * 64., dev)?
+            .reshape((300, 64))?
+            .affine(0.013, 0.)?
+            .sin()?;
+        let w = x.narrow(0, 7, 1)?.squeeze(0)?;
+        let (y1, g1) = value_and_grads(&[&x, &w], |a| rms_norm(&a[0], &a[1], 1e-5))?;
+        let q = x.reshape((2, 3, 50, 64))?;
+        let table = x.narrow(0, 0, 50)?.narrow(1, 0, 32)?;
+        let (y2, g2) = value_and_grads(&[&q], |a| rope(&a[0], &table, &table.cos()?, 0.5))?;
+        let mask = crate::model::causal_mask(50, 14, None, dev)?;
+        let att = x.narrow(1, 0, 64)?.reshape((2, 3, 50, 64))?;
+        let (y3, g3) = value_and_grads(&[&att], |a| {
+            Ok(masked_softmax(&a[0], &mask)?.expect("f32 CPU scores take the kernel"))
+        })?;
+        let (y4, g4) = value_and_grads(&[&x], |a| swiglu_packed(&a[0], 32))?;
+        Ok([y1, y2, y3, y4].into_iter().chain(g1).chain(g2).chain(g3).chain(g4).collect())
+    }
+
     /// The kernels' results do not depend on the thread count (resumed runs stay bit-identical).
     #[test]
     fn kernels_are_deterministic_across_thread_counts() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (300, 64), &dev)?;
-        let w = Tensor::randn(0f32, 1., 64, &dev)?;
-        let run = || value_and_grads(&[&x, &w], |a| rms_norm(&a[0], &a[1], 1e-5));
-        let (y1, g1) = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .expect("a one-thread pool")
-            .install(run)?;
-        let (y2, g2) = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .expect("a three-thread pool")
-            .install(run)?;
-        assert_eq!(max_diff(&y1, &y2), 0.0);
-        assert_eq!(max_diff(&g1[1], &g2[1]), 0.0, "dw summed in task order");
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .expect("a thread pool")
+        };
+        let one = pool(1).install(|| all_kernels(&dev))?;
+        let three = pool(3).install(|| all_kernels(&dev))?;
+        assert_eq!(one.len(), 9);
+        for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+            assert_eq!(max_diff(a, b), 0.0, "output {i} differs between 1 and 3 threads");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn masked_softmax_keeps_nan_zeroes_hidden_rows_and_declines_empty_scores() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut scores = vec![0.5f32; 2 * 3 * 4];
+        scores[4] = f32::NAN; // row 1, visible under the mask below
+        let att = Tensor::from_vec(scores, (2, 3, 4), &dev)?;
+        // Row 0 sees nothing; rows 1 and 2 see their first two keys.
+        let ninf = f32::NEG_INFINITY;
+        let m = [[ninf; 4], [0., 0., ninf, ninf], [0., 0., ninf, ninf]];
+        let mask = Tensor::new(&m, &dev)?;
+        let y = masked_softmax(&att, &mask)?.expect("f32 CPU scores take the kernel");
+        let y = y.to_vec3::<f32>()?;
+        assert_eq!(y[0][0], vec![0.0; 4], "a fully hidden row is zeros");
+        assert!(y[0][1].iter().all(|v| v.is_nan()), "a NaN spreads over its row");
+        assert_eq!(y[0][2], vec![0.5, 0.5, 0.0, 0.0]);
+        let empty = Tensor::zeros((2, 0, 4), DType::F32, &dev)?;
+        assert!(masked_softmax(&empty, &mask)?.is_none());
         Ok(())
     }
 
