@@ -420,14 +420,7 @@ impl KdOp {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("kd loss: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("kd loss: {what} must be contiguous"),
-    }
+    distill_core::ops::host_f32(s, l, &format!("kd loss: {what}"))
 }
 
 /// Dense teacher logits (N, Vt) for `n` student rows, as a slice and Vt.

@@ -19,14 +19,7 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 32;
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("{op}: f32 inputs only"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: contiguous inputs only"),
-    }
+    super::host_f32(s, l, op)
 }
 
 /// Runs `f` over the data of a contiguous f32 CPU tensor, under its storage's read lock.

@@ -9,6 +9,23 @@ mod grad;
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// The data of a contiguous f32 CPU storage as a slice, for custom ops' kernels; `what` names
+/// the input in the error ("kd loss: teacher logits must be f32").
+pub fn host_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let data = match s {
+        candle_core::CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{what} must be f32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
 fn needs_grad(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
