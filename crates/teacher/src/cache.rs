@@ -94,9 +94,13 @@ pub fn topk_from_hidden(
             .narrow(0, r0, n)?
             .matmul(&w)?
             .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        logits
+            .to_device(&candle_core::Device::Cpu)?;
+        // Read in place (a 50 MB chunk is not worth a copy).
+        let (storage, layout) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(Error::Msg("teacher logits: expected host memory".into()));
+        };
+        distill_core::ops::host_f32(cpu, layout, "teacher logits")?
             .par_chunks_exact(v)
             .zip(out_ids[r0 * k..(r0 + n) * k].par_chunks_exact_mut(k))
             .zip(out_lp[r0 * k..(r0 + n) * k].par_chunks_exact_mut(k))
