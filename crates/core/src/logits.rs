@@ -37,7 +37,9 @@ mod tests {
     #[test]
     fn topk_is_sorted_with_ties_by_id_and_lse_matches_f64() {
         // 1,000 logits with a remainder past the 16-lane blocks; a tie between ids 3 and 700.
-        let mut row: Vec<f32> = (0..1000).map(|i| ((i as f32) * 0.731).sin() * 6.0).collect();
+        let mut row: Vec<f32> = (0..1000)
+            .map(|i| ((i as f32) * 0.731).sin() * 6.0)
+            .collect();
         row[3] = 9.0;
         row[700] = 9.0;
         row[42] = 11.0;

@@ -88,7 +88,10 @@ fn max_imp(x: &[f32]) -> f32 {
             acc[l] = acc[l].max(c[l]);
         }
     }
-    rem.iter().fold(acc.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, &v| m.max(v))
+    rem.iter().fold(
+        acc.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        |m, &v| m.max(v),
+    )
 }
 
 /// `Σ a·b` in f32 lanes (rows of the fused ops are short: a few hundred to a few thousand).

@@ -201,7 +201,10 @@ mod tests {
         args: &[&Tensor],
         f: impl Fn(&[Tensor]) -> Result<Tensor>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let vars: Vec<Var> = args.iter().map(|a| Var::from_tensor(a)).collect::<Result<_>>()?;
+        let vars: Vec<Var> = args
+            .iter()
+            .map(|a| Var::from_tensor(a))
+            .collect::<Result<_>>()?;
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&ts)?;
         let weights = Tensor::arange(0f32, y.elem_count() as f32, y.device())?
@@ -211,13 +214,25 @@ mod tests {
         let grads = (&y * &weights)?.sum_all()?.backward()?;
         let gs = vars
             .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned().expect("every argument gets a gradient"))
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .expect("every argument gets a gradient")
+            })
             .collect();
         Ok((y.detach(), gs))
     }
 
     fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
         let d = max_diff(a, b);
         assert!(d <= tol * scale, "{what}: max |Δ| {d} (scale {scale})");
     }
@@ -239,7 +254,10 @@ mod tests {
 
         let q = Tensor::randn(0f32, 1., (2, 3, 21, 16), &dev)?;
         let table = Tensor::randn(0f32, 1., (30, 8), &dev)?;
-        let (cos, sin) = (table.cos()?.narrow(0, 5, 21)?, table.sin()?.narrow(0, 5, 21)?);
+        let (cos, sin) = (
+            table.cos()?.narrow(0, 5, 21)?,
+            table.sin()?.narrow(0, 5, 21)?,
+        );
         let (y, g) = value_and_grads(&[&q], |a| rope(&a[0], &cos, &sin, 0.25))?;
         let (y0, g0) = value_and_grads(&[&q], |a| {
             candle_nn::rotary_emb::rope_slow(&a[0], &cos, &sin)? * 0.25
@@ -247,7 +265,8 @@ mod tests {
         assert_close("rope", &y, &y0, 1e-6);
         assert_close("rope dx", &g[0], &g0[0], 1e-6);
         // Without a gradient, the kernel equals candle's fused rope.
-        let fused = (candle_nn::rotary_emb::rope(&q, &cos.contiguous()?, &sin.contiguous()?)? * 0.25)?;
+        let fused =
+            (candle_nn::rotary_emb::rope(&q, &cos.contiguous()?, &sin.contiguous()?)? * 0.25)?;
         assert_close("rope (no grad)", &rope(&q, &cos, &sin, 0.25)?, &fused, 1e-6);
 
         // Scores (B, kvh, rep·T, S) with a causal mask, as attention makes them (T = 7, S = 9).
@@ -297,7 +316,13 @@ mod tests {
             Ok(masked_softmax(&a[0], &mask)?.expect("f32 CPU scores take the kernel"))
         })?;
         let (y4, g4) = value_and_grads(&[&x], |a| swiglu_packed(&a[0], 32))?;
-        Ok([y1, y2, y3, y4].into_iter().chain(g1).chain(g2).chain(g3).chain(g4).collect())
+        Ok([y1, y2, y3, y4]
+            .into_iter()
+            .chain(g1)
+            .chain(g2)
+            .chain(g3)
+            .chain(g4)
+            .collect())
     }
 
     /// The kernels' results do not depend on the thread count (resumed runs stay bit-identical).
@@ -314,7 +339,11 @@ mod tests {
         let three = pool(3).install(|| all_kernels(&dev))?;
         assert_eq!(one.len(), 9);
         for (i, (a, b)) in one.iter().zip(&three).enumerate() {
-            assert_eq!(max_diff(a, b), 0.0, "output {i} differs between 1 and 3 threads");
+            assert_eq!(
+                max_diff(a, b),
+                0.0,
+                "output {i} differs between 1 and 3 threads"
+            );
         }
         Ok(())
     }
@@ -332,7 +361,10 @@ mod tests {
         let y = masked_softmax(&att, &mask)?.expect("f32 CPU scores take the kernel");
         let y = y.to_vec3::<f32>()?;
         assert_eq!(y[0][0], vec![0.0; 4], "a fully hidden row is zeros");
-        assert!(y[0][1].iter().all(|v| v.is_nan()), "a NaN spreads over its row");
+        assert!(
+            y[0][1].iter().all(|v| v.is_nan()),
+            "a NaN spreads over its row"
+        );
         assert_eq!(y[0][2], vec![0.5, 0.5, 0.0, 0.0]);
         let empty = Tensor::zeros((2, 0, 4), DType::F32, &dev)?;
         assert!(masked_softmax(&empty, &mask)?.is_none());
