@@ -300,19 +300,25 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `mi_option_arena_reserve` (index 23 of `mi_option_e` in mimalloc v2's mimalloc.h).
 const MI_OPTION_ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
 
-/// GiB of the arena committed at start: `DISTILL_ARENA_GIB`, else 8 — and none under strict
-/// overcommit accounting, where committed memory is charged whether touched or not.
-fn reserved_arena_gib() -> usize {
-    if let Some(gib) = std::env::var("DISTILL_ARENA_GIB")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-    {
-        return gib;
+/// Bytes of the arena committed at start: `DISTILL_ARENA_GIB` GiB, else 8 GiB — and none under
+/// strict overcommit accounting, where committed memory is charged whether touched or not.
+fn reserved_arena_bytes() -> std::result::Result<usize, String> {
+    if let Ok(v) = std::env::var("DISTILL_ARENA_GIB") {
+        return v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .and_then(|gib| gib.checked_mul(1 << 30))
+            .ok_or_else(|| {
+                format!("DISTILL_ARENA_GIB={v:?}: expected a whole number of GiB (0: no arena)")
+            });
     }
-    match std::fs::read_to_string("/proc/sys/vm/overcommit_memory") {
-        Ok(mode) if mode.trim() == "2" => 0,
-        _ => 8,
-    }
+    Ok(
+        match std::fs::read_to_string("/proc/sys/vm/overcommit_memory") {
+            Ok(mode) if mode.trim() == "2" => 0,
+            _ => 8 << 30,
+        },
+    )
 }
 
 fn main() {
@@ -336,11 +342,14 @@ fn main() {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
         libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 16 * 1024 * 1024);
         // KiB
-        let gib = reserved_arena_gib();
-        if gib > 0 {
+        let bytes = reserved_arena_bytes().unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        });
+        if bytes > 0 {
             // A refusal (an address-space limit) only leaves the default behaviour.
             let _ = libmimalloc_sys::mi_reserve_os_memory_ex(
-                gib << 30,
+                bytes,
                 true,
                 false,
                 false,

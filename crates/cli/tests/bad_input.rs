@@ -574,3 +574,32 @@ fn export_writes_a_gguf_that_converts_back_and_refuses_what_it_cannot_write() {
     ]);
     check_failure(code, &err, &["absent"]);
 }
+
+/// The arena size knob: a value that is not a whole number of GiB is refused in one line before
+/// anything runs; 0 (no arena) runs as usual.
+#[test]
+fn a_bad_arena_size_is_one_line_and_zero_turns_it_off() {
+    for bad in ["lots", "-1", "1.5", "99999999999999999999"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args(["bench", "gemm", "--help"])
+            .env("DISTILL_ARENA_GIB", bad)
+            .output()
+            .expect("the distill binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        check_failure(
+            out.status.code().unwrap_or(-1),
+            &err,
+            &["DISTILL_ARENA_GIB", bad, "whole number of GiB"],
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["--version"])
+        .env("DISTILL_ARENA_GIB", "0")
+        .output()
+        .expect("the distill binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

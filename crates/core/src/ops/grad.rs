@@ -9,6 +9,7 @@
 //! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
 //! only then and keeps candle's ops for other devices.
 
+use super::host_f32;
 use crate::vexp;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
@@ -18,15 +19,11 @@ use rayon::prelude::*;
 /// Rows per parallel task: enough work to amortise the dispatch, small enough to balance.
 const ROWS_PER_TASK: usize = 32;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    super::host_f32(s, l, op)
-}
-
 /// Runs `f` over the data of a contiguous f32 CPU tensor, under its storage's read lock.
 fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(c) => f(slice(c, layout, op)?),
+        Storage::Cpu(c) => f(host_f32(c, layout, op)?),
         _ => candle_core::bail!("{op}: CPU tensors only"),
     }
 }
@@ -73,7 +70,10 @@ impl CustomOp2 for RmsNorm {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice(sx, lx, self.name())?, slice(sw, lw, self.name())?);
+        let (x, w) = (
+            host_f32(sx, lx, self.name())?,
+            host_f32(sw, lw, self.name())?,
+        );
         let n = w.len();
         if n == 0 || lx.dims().last() != Some(&n) {
             candle_core::bail!("rms-norm: weight of {n} for input {:?}", lx.dims());
@@ -176,7 +176,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.rotate(slice(s, l, self.name())?, l.dims(), 1.0)?;
+        let out = self.rotate(host_f32(s, l, self.name())?, l.dims(), 1.0)?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -201,7 +201,7 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let a = slice(s, l, self.name())?;
+        let a = host_f32(s, l, self.name())?;
         let (t, n) = self.mask.dims2()?;
         let dims = l.dims();
         let rows_per_head = dims.len().checked_sub(2).map(|i| dims[i]);
@@ -248,7 +248,7 @@ impl CustomOp1 for SwiGluPacked {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
+        let x = host_f32(s, l, self.name())?;
         let w = self.width;
         if w == 0 || l.dims().last() != Some(&(2 * w)) {
             candle_core::bail!("swiglu: packed rows of {:?} for width {w}", l.dims());
