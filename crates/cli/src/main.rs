@@ -357,6 +357,15 @@ fn main() {
             );
         }
     };
+    // candle's elementwise ops run on its own pool, whose workers spin for 25,000 rounds after
+    // each op before parking; the GEMMs that follow run on rayon's threads. On a host with as
+    // many cores as threads the spinning worker takes a core from the GEMM: 7.8% of a healing
+    // step's samples were candle-bp-0 spinning (`perf record … bench train --student
+    // runs/smollm2-pruned-init …`). Parking at once costs a wake-up (µs) per op that is large
+    // enough to use the pool (small ops, e.g. decoding's, run inline). A value the user sets wins.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         // One line, whatever the error chain holds.
