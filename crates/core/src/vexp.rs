@@ -287,6 +287,42 @@ multiversion! {
 }
 
 multiversion! {
+    /// `out = exp(a·x + b)`, returning `Σ out` summed exactly as [`sum_exp`] sums it (the same
+    /// value, bit for bit): a softmax in one exponential pass where `lse` then `exp_into` take two.
+    pub fn exp_sum_into(x: &[f32], a: f32, b: f32, out: &mut [f32]) -> f64 {
+        let n = x.len().min(out.len());
+        let mut total = 0f64;
+        for (xb, ob) in x[..n].chunks(BLOCK).zip(out[..n].chunks_mut(BLOCK)) {
+            let mut acc = [0f32; L];
+            let full = xb.len() / L * L;
+            for (c, o) in xb[..full].chunks_exact(L).zip(ob[..full].chunks_exact_mut(L)) {
+                for l in 0..L {
+                    let e = exp(a * c[l] + b);
+                    o[l] = e;
+                    acc[l] += e;
+                }
+            }
+            let mut tail = 0f32;
+            for (o, &v) in ob[full..].iter_mut().zip(&xb[full..]) {
+                *o = exp(a * v + b);
+                tail += *o;
+            }
+            total += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
+        }
+        total
+    }
+}
+
+multiversion! {
+    /// `out *= c`.
+    pub fn scale(out: &mut [f32], c: f32) {
+        for o in out.iter_mut() {
+            *o *= c;
+        }
+    }
+}
+
+multiversion! {
     /// `out += c · exp(a·x + b)`.
     pub fn add_exp(x: &[f32], a: f32, b: f32, c: f32, out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
@@ -409,6 +445,15 @@ mod tests {
         };
         assert!((lse(&x, a) as f64 - want_lse).abs() <= 1e-5);
         assert_eq!(lse(&[], 1.0), f32::NEG_INFINITY);
+        // One pass: the same sum as sum_exp, bit for bit (the tail of 1003 = 16·62 + 11 too),
+        // and each element exp(a·x + b); then scaled.
+        let mut e = vec![0f32; x.len()];
+        assert_eq!(exp_sum_into(&x, a, b, &mut e), sum_exp(&x, a, b));
+        let mut one = vec![0f32; x.len()];
+        exp_into(&x, a, b, 1.0, &mut one);
+        assert_eq!(e, one);
+        scale(&mut e, 0.25);
+        assert!(e.iter().zip(&one).all(|(s, o)| *s == 0.25 * o));
         let mut out = vec![1f32; x.len()];
         add_exp(&x, a, b, 2.0, &mut out);
         for (o, &v) in out.iter().zip(&x) {

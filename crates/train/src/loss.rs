@@ -256,10 +256,28 @@ impl KdOp {
             (None, None) => s.len(),
         };
         let s = &s[..v];
-        // Student log-probs at τ and at 1.
-        let lse_tau = match saved {
-            Some(sv) => sv[2],
-            None => vexp::lse(s, 1.0 / tau),
+        let (mut out, g_kd, g_ce) = match grad {
+            Some((o, a, b)) => (Some(o), a, b),
+            None => (None, 0.0, 0.0),
+        };
+        // Student log-probs at τ and at 1. The sparse gradient is a softmax over the whole row:
+        // exponentiated once into `out`, its sum is the one `lse` takes (bit for bit), and the
+        // gradient is that row scaled, below — one pass of exponentials where two were.
+        let mut soft_sum = None;
+        let lse_tau = match (saved, out.as_deref_mut()) {
+            (Some(sv), _) => sv[2],
+            (None, Some(o)) if t.is_none() && self.sparse.is_some() => {
+                // As `lse` forms it: a > 0, so the largest a·s is a times the largest s.
+                let m = (1.0 / tau) * vexp::max(s);
+                if m == f32::NEG_INFINITY {
+                    m
+                } else {
+                    let sum = vexp::exp_sum_into(s, 1.0 / tau, -m, &mut o[..v]);
+                    soft_sum = Some(sum);
+                    m + sum.ln() as f32
+                }
+            }
+            (None, _) => vexp::lse(s, 1.0 / tau),
         };
         let lse_one = match saved {
             Some(sv) => sv[3],
@@ -270,10 +288,6 @@ impl KdOp {
         let label = label as usize;
         let ce = if label < v { lse_one - s[label] } else { 0.0 };
         let mut kd = 0f64;
-        let (mut out, g_kd, g_ce) = match grad {
-            Some((o, a, b)) => (Some(o), a, b),
-            None => (None, 0.0, 0.0),
-        };
         let scale = (tau * tau) as f64;
         match (t, &self.sparse) {
             (Some(t), _) => {
@@ -362,7 +376,11 @@ impl KdOp {
                     let tail_per_q = (h_tail / q_tail) as f32;
                     let sum_h = sum_h as f32;
                     let c = gk * (tail_per_q - sum_h);
-                    vexp::exp_into(s, 1.0 / tau, -lse_tau, c, &mut o[..v]);
+                    match soft_sum {
+                        // o holds exp(s/τ − m), Σ = e^(lse_τ − m): c·exp(s/τ − lse_τ) = o·c/Σ.
+                        Some(sum) => vexp::scale(&mut o[..v], (c as f64 / sum) as f32),
+                        None => vexp::exp_into(s, 1.0 / tau, -lse_tau, c, &mut o[..v]),
+                    }
                     for (idx, &i) in kept_ids.iter().enumerate() {
                         let q = lq[idx].exp();
                         o[i] = gk * (h[idx] - q * sum_h as f64) as f32;
