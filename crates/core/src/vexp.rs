@@ -394,6 +394,50 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// [`fkl_value_grad`] from exponentials already taken: `rows = (s, t)`; `out` holds `e^(a·s − ms)` on entry
+    /// and `et` holds `e^(a·t − mt)`, `inv = (1/Σ out, 1/Σ et)`, so `q = out·inv.0`,
+    /// `p = et·inv.1`; `b = (bs, bt)` are the rows' `−lse`. Returns `Σ p (lp − lq)` and writes
+    /// `out = c · (q − p)`, with no exponential.
+    pub fn fkl_value_grad_exp(
+        rows: (&[f32], &[f32]),
+        et: &[f32],
+        a: f32,
+        b: (f32, f32),
+        inv: (f32, f32),
+        c: f32,
+        out: &mut [f32],
+    ) -> f64 {
+        let ((s, t), (bs, bt), (inv_s, inv_t)) = (rows, b, inv);
+        let n = s.len().min(t.len()).min(et.len()).min(out.len());
+        let mut total = 0f64;
+        let blocks = s[..n].chunks(BLOCK).zip(t[..n].chunks(BLOCK)).zip(et[..n].chunks(BLOCK));
+        for (((bs_, bt_), be), bo) in blocks.zip(out[..n].chunks_mut(BLOCK)) {
+            let mut acc = [0f32; L];
+            let full = bs_.len() / L * L;
+            let lanes = bs_[..full].chunks_exact(L).zip(bt_[..full].chunks_exact(L));
+            let lanes = lanes.zip(be[..full].chunks_exact(L));
+            for (((cs, ct), ce), co) in lanes.zip(bo[..full].chunks_exact_mut(L)) {
+                for l in 0..L {
+                    let (lp, lq) = (a * ct[l] + bt, a * cs[l] + bs);
+                    let (p, q) = (ce[l] * inv_t, co[l] * inv_s);
+                    acc[l] += if lp > -87.3 { p * (lp - lq) } else { 0.0 };
+                    co[l] = c * (q - p);
+                }
+            }
+            let mut tail = 0f32;
+            for j in full..bs_.len() {
+                let (lp, lq) = (a * bt_[j] + bt, a * bs_[j] + bs);
+                let (p, q) = (be[j] * inv_t, bo[j] * inv_s);
+                tail += if lp > -87.3 { p * (lp - lq) } else { 0.0 };
+                bo[j] = c * (q - p);
+            }
+            total += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
+        }
+        total
+    }
+}
+
 /// `ln Σ exp(a·x)` of a row (−∞ for an empty or all −∞ row).
 pub fn lse(x: &[f32], a: f32) -> f32 {
     // a > 0 (an inverse temperature), so the largest a·x is a times the largest x.
@@ -454,6 +498,24 @@ mod tests {
         assert_eq!(e, one);
         scale(&mut e, 0.25);
         assert!(e.iter().zip(&one).all(|(s, o)| *s == 0.25 * o));
+        // The KL and its gradient from exponentials already taken, against the direct kernel.
+        {
+            let (ls, lt) = (lse(&x, a), lse(&t, a));
+            let (mut q, mut et) = (vec![0f32; x.len()], vec![0f32; t.len()]);
+            let ss = exp_sum_into(&x, a, -a * max(&x), &mut q);
+            let st = exp_sum_into(&t, a, -a * max(&t), &mut et);
+            let inv = ((1.0 / ss) as f32, (1.0 / st) as f32);
+            let got = fkl_value_grad_exp((&x, &t), &et, a, (-ls, -lt), inv, 0.3, &mut q);
+            let mut want_g = vec![0f32; x.len()];
+            let want = fkl_value_grad(&x, &t, a, -ls, -lt, 0.3, &mut want_g);
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+            for (g, w) in q.iter().zip(&want_g) {
+                assert!((g - w).abs() <= 1e-6 + 1e-5 * w.abs(), "{g} vs {w}");
+            }
+        }
         let mut out = vec![1f32; x.len()];
         add_exp(&x, a, b, 2.0, &mut out);
         for (o, &v) in out.iter().zip(&x) {

@@ -230,6 +230,11 @@ fn teacher_buckets(
     logits.iter().map(|x| x - z).collect()
 }
 
+thread_local! {
+    /// The teacher's row of exponentials for the one-pass dense gradient (one row per thread).
+    static TEACHER_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl KdOp {
     /// One row: returns [KD·τ², CE, lse_τ, lse_1, teacher lse_τ]; with
     /// `grad = Some((out, g_kd, g_ce))` also writes ∂/∂s into `out` in the same passes (the
@@ -263,10 +268,11 @@ impl KdOp {
         // Student log-probs at τ and at 1. The sparse gradient is a softmax over the whole row:
         // exponentiated once into `out`, its sum is the one `lse` takes (bit for bit), and the
         // gradient is that row scaled, below — one pass of exponentials where two were.
+        let fkl = matches!(self.kind, KdKind::ForwardKl | KdKind::Jsd { beta: 0.0 });
         let mut soft_sum = None;
         let lse_tau = match (saved, out.as_deref_mut()) {
             (Some(sv), _) => sv[2],
-            (None, Some(o)) if t.is_none() && self.sparse.is_some() => {
+            (None, Some(o)) if (t.is_none() && self.sparse.is_some()) || (t.is_some() && fkl) => {
                 // As `lse` forms it: a > 0, so the largest a·s is a times the largest s.
                 let m = (1.0 / tau) * vexp::max(s);
                 if m == f32::NEG_INFINITY {
@@ -292,13 +298,44 @@ impl KdOp {
         match (t, &self.sparse) {
             (Some(t), _) => {
                 let t = &t[..v];
-                let tlse = match saved {
-                    Some(sv) => sv[4],
-                    None => vexp::lse(t, 1.0 / tau),
+                // With the student's softmax already in `out` (above), the teacher's goes to a
+                // per-thread row buffer in the same one pass, and the KL and its gradient read
+                // both: two passes of exponentials where four were.
+                let one_pass = match (out.as_deref_mut(), soft_sum) {
+                    (Some(o), Some(ss)) => {
+                        let tm = (1.0 / tau) * vexp::max(t);
+                        (tm != f32::NEG_INFINITY).then(|| {
+                            TEACHER_ROW.with(|buf| {
+                                let mut et = buf.borrow_mut();
+                                et.resize(v, 0.0);
+                                let st = vexp::exp_sum_into(t, 1.0 / tau, -tm, &mut et);
+                                let tlse = tm + st.ln() as f32;
+                                let inv = ((1.0 / ss) as f32, (1.0 / st) as f32);
+                                let (a, c) = (1.0 / tau, g_kd * tau);
+                                let o = &mut o[..v];
+                                let kd = vexp::fkl_value_grad_exp(
+                                    (s, t),
+                                    &et,
+                                    a,
+                                    (-lse_tau, -tlse),
+                                    inv,
+                                    c,
+                                    o,
+                                );
+                                (kd, tlse)
+                            })
+                        })
+                    }
+                    _ => None,
+                };
+                let tlse = match (one_pass, saved) {
+                    (Some((_, tlse)), _) => tlse,
+                    (None, Some(sv)) => sv[4],
+                    (None, None) => vexp::lse(t, 1.0 / tau),
                 };
                 tlse_out = tlse;
-                let fkl = matches!(self.kind, KdKind::ForwardKl | KdKind::Jsd { beta: 0.0 });
                 match out.as_deref_mut() {
+                    _ if one_pass.is_some() => kd = one_pass.map_or(0.0, |(k, _)| k),
                     // Forward KL, the common case: Σ p (log p − log q), and q − p with it in the
                     // same pass (vectorised exponentials, f64 block sums).
                     None if fkl => {
