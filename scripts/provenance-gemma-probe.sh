@@ -95,3 +95,28 @@ log "B: suspects healed + ref-4l-s9, reference gemma-3-270m"
 "$BIN" provenance --teacher "$(u 1 teacher)" --suspect "$(u 2 healed)" "$(u 3 ref-4l-s9)" \
   --reference "$(u 4 gemma-3-270m)" "${common[@]}" --out "$Z/B"
 cat "$Z/A/summary.md" "$Z/B/summary.md"
+# The signals one by one, averaged over prompts, for each model against the teacher: the first
+# token's top-5 distributions' overlap (all prompts, and where the teacher's top-1 is below 0.3),
+# the first word equal, and the 16 words equal position by position.
+python3 - "$Z/answers" <<'EOF'
+import json, math, sys
+def load(n):
+    return {r["index"]: r for r in map(json.loads, open(f"{sys.argv[1]}/{n}/responses.jsonl"))}
+def top(r):
+    return {x["token"]: math.exp(x["logprob"]) for x in r["logprobs"][0]["top_logprobs"]}
+T = load("teacher")
+for n in ["healed", "gemma-3-270m", "ref-4l-s9"]:
+    S, ov, unsure, w1, wp = load(n), [], [], [], []
+    for i, t in T.items():
+        a, b = top(t), top(S[i])
+        o = sum(min(a[k], b[k]) for k in a if k in b)
+        ov.append(o)
+        if max(a.values()) < 0.3:
+            unsure.append(o)
+        tw, sw = t["completion"].split(), S[i]["completion"].split()
+        w1.append(tw[:1] == sw[:1])
+        wp.append(sum(x == y for x, y in zip(tw[:16], sw[:16])) / 16)
+    m = lambda v: sum(v) / max(len(v), 1)
+    print(f"{n}: first-token top-5 overlap {m(ov):.3f} (teacher unsure, {len(unsure)} prompts: "
+          f"{m(unsure):.3f}); first word equal {m(w1):.1%}; words equal by position {m(wp):.1%}")
+EOF
