@@ -6,7 +6,8 @@
 # redistributed). transformers runs it behind scripts/serve_hf.py; distill's engine cannot.
 #
 # Black-box, plain-text completions (16 tokens, top-5 logprobs) of the zoo's held-out Alice prompts
-# (the first 12 words of paragraphs 151–; no model here trained on the book), 200 prompts:
+# (the first 12 words of paragraphs 151–; no student here trained on the book, though the teacher's
+# and Gemma's pretraining may well have seen it), 200 prompts:
 #   A: suspects = the healed 50% cut of the teacher (derived: its weights) and Gemma (independent),
 #      reference = a cross-entropy 4L/256 student trained 40 steps (the zoo's reference recipe);
 #   B: suspects = the healed cut and that CE student, reference = Gemma.
@@ -44,6 +45,14 @@ if [ ! -e "$GEMMA" ]; then
   echo "$GEMMA_SHA256  $GEMMA.part" | sha256sum -c --quiet - \
     || { echo "provenance-gemma-probe: $GEMMA: sha256 mismatch" >&2; rm -f "$GEMMA.part"; exit 1; }
   mv "$GEMMA.part" "$GEMMA"
+fi
+
+# Answers are kept per model name and reused by a rerun: drop them when the dirs behind the names
+# change (another HEALED, TEACHER or MAX_PROMPTS).
+stamp="$T $HEALED $N"
+if [ "$(cat "$Z/answers.stamp" 2>/dev/null)" != "$stamp" ]; then
+  rm -rf "$Z/answers"
+  echo "$stamp" >"$Z/answers.stamp"
 fi
 
 # The held-out prose prompts, as scripts/provenance-zoo.sh makes them.
@@ -108,6 +117,8 @@ T = load("teacher")
 for n in ["healed", "gemma-3-270m", "ref-4l-s9"]:
     S, ov, unsure, w1, wp = load(n), [], [], [], []
     for i, t in T.items():
+        if not t["logprobs"] or not S[i]["logprobs"]:
+            continue  # an answer that ended at once has no first token to compare
         a, b = top(t), top(S[i])
         o = sum(min(a[k], b[k]) for k in a if k in b)
         ov.append(o)

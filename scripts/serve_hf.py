@@ -37,10 +37,13 @@ def load(path):
 
 def generate(tok, model, prompt_ids, max_tokens, temperature, seed, top_k):
     """The completion's token ids and, per token, (logprob, [(id, logprob)] * top_k)."""
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed or 0)
     out, info, past = [], [], None
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    # The tokenizer's end of text and the generation config's (e.g. Gemma's <end_of_turn>).
+    eos = {tok.eos_token_id} - {None}
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos |= set(cfg_eos) if isinstance(cfg_eos, list) else {cfg_eos} - {None}
     with torch.no_grad():
         for _ in range(max_tokens):
             res = model(input_ids=ids, past_key_values=past, use_cache=True)
@@ -60,7 +63,7 @@ def generate(tok, model, prompt_ids, max_tokens, temperature, seed, top_k):
                 return out, info, "stop"
             out.append(nxt)
             info.append((float(lp[nxt]), tops))
-            ids = torch.tensor([[nxt]])
+            ids = torch.tensor([[nxt]], dtype=torch.long)
     return out, info, "length"
 
 
@@ -96,13 +99,16 @@ class Handler(BaseHTTPRequestHandler):
         if chat:
             msgs = req.get("messages") or []
             if tok.chat_template:
-                ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+                ids = tok.apply_chat_template(
+                    msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
             else:
                 ids = tok("\n".join(m.get("content", "") for m in msgs))["input_ids"]
             k = int(req.get("top_logprobs") or 0) if req.get("logprobs") else 0
         else:
             ids = tok(req.get("prompt", ""))["input_ids"]
             k = int(req.get("logprobs") or 0)
+        if not ids:
+            return self.send(400, {"error": {"message": "empty prompt"}})
         if k > (20 if chat else 5):
             return self.send(400, {"error": {"message": f"logprobs: at most {20 if chat else 5}"}})
         with self.lock:

@@ -498,8 +498,16 @@ mod tests {
         assert_eq!(e, one);
         scale(&mut e, 0.25);
         assert!(e.iter().zip(&one).all(|(s, o)| *s == 0.25 * o));
-        // The KL and its gradient from exponentials already taken, against the direct kernel.
+        // The KL and its gradient from exponentials already taken, against the direct kernel:
+        // rows over several blocks (the f64 block sums), the teacher with −∞ (padded) entries.
         {
+            let x: Vec<f32> = (0..2500).map(|i| ((i as f32) * 0.37).sin() * 9.0).collect();
+            let mut t: Vec<f32> = (0..2500).map(|i| ((i as f32) * 0.11).cos() * 7.0).collect();
+            for j in (0..2500).step_by(97) {
+                t[j] = f32::NEG_INFINITY;
+            }
+            let mut e = vec![0f32; x.len()];
+            assert_eq!(exp_sum_into(&x, a, b, &mut e), sum_exp(&x, a, b));
             let (ls, lt) = (lse(&x, a), lse(&t, a));
             let (mut q, mut et) = (vec![0f32; x.len()], vec![0f32; t.len()]);
             let ss = exp_sum_into(&x, a, -a * max(&x), &mut q);
