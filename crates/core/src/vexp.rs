@@ -257,23 +257,47 @@ multiversion! {
     }
 }
 
+/// `Σ exp(a·x + b)`, f32 lanes over blocks of [`BLOCK`] elements, blocks added in f64; with
+/// `STORE` each exponential is also written to `out` (as long as `x`). One body for [`sum_exp`]
+/// and [`exp_sum_into`], so the two sums are the same by construction.
+#[inline(always)]
+fn exp_sum_imp<const STORE: bool>(x: &[f32], a: f32, b: f32, out: &mut [f32]) -> f64 {
+    let mut total = 0f64;
+    for (k, xb) in x.chunks(BLOCK).enumerate() {
+        let ob: &mut [f32] = if STORE {
+            &mut out[k * BLOCK..k * BLOCK + xb.len()]
+        } else {
+            &mut []
+        };
+        let mut acc = [0f32; L];
+        let full = xb.len() / L * L;
+        for (i, c) in xb[..full].chunks_exact(L).enumerate() {
+            let mut e = [0f32; L];
+            for l in 0..L {
+                e[l] = exp(a * c[l] + b);
+                acc[l] += e[l];
+            }
+            if STORE {
+                ob[i * L..(i + 1) * L].copy_from_slice(&e);
+            }
+        }
+        let mut tail = 0f32;
+        for (j, &v) in xb[full..].iter().enumerate() {
+            let e = exp(a * v + b);
+            if STORE {
+                ob[full + j] = e;
+            }
+            tail += e;
+        }
+        total += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
+    }
+    total
+}
+
 multiversion! {
     /// `Σ exp(a·x + b)`: f32 lanes over blocks of [`BLOCK`] elements, blocks added in f64.
     pub fn sum_exp(x: &[f32], a: f32, b: f32) -> f64 {
-        let mut total = 0f64;
-        for block in x.chunks(BLOCK) {
-            let mut acc = [0f32; L];
-            let chunks = block.chunks_exact(L);
-            let rem = chunks.remainder();
-            for c in chunks {
-                for l in 0..L {
-                    acc[l] += exp(a * c[l] + b);
-                }
-            }
-            let tail: f32 = rem.iter().map(|&v| exp(a * v + b)).sum();
-            total += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
-        }
-        total
+        exp_sum_imp::<false>(x, a, b, &mut [])
     }
 }
 
@@ -287,29 +311,12 @@ multiversion! {
 }
 
 multiversion! {
-    /// `out = exp(a·x + b)`, returning `Σ out` summed exactly as [`sum_exp`] sums it (the same
-    /// value, bit for bit): a softmax in one exponential pass where `lse` then `exp_into` take two.
+    /// `out = exp(a·x + b)` over the first `min(|x|, |out|)` elements, returning their sum as
+    /// [`sum_exp`] forms it (the same body): a softmax in one exponential pass where `lse` then
+    /// `exp_into` take two.
     pub fn exp_sum_into(x: &[f32], a: f32, b: f32, out: &mut [f32]) -> f64 {
         let n = x.len().min(out.len());
-        let mut total = 0f64;
-        for (xb, ob) in x[..n].chunks(BLOCK).zip(out[..n].chunks_mut(BLOCK)) {
-            let mut acc = [0f32; L];
-            let full = xb.len() / L * L;
-            for (c, o) in xb[..full].chunks_exact(L).zip(ob[..full].chunks_exact_mut(L)) {
-                for l in 0..L {
-                    let e = exp(a * c[l] + b);
-                    o[l] = e;
-                    acc[l] += e;
-                }
-            }
-            let mut tail = 0f32;
-            for (o, &v) in ob[full..].iter_mut().zip(&xb[full..]) {
-                *o = exp(a * v + b);
-                tail += *o;
-            }
-            total += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
-        }
-        total
+        exp_sum_imp::<true>(&x[..n], a, b, &mut out[..n])
     }
 }
 

@@ -334,26 +334,26 @@ impl KdOp {
                     (None, None) => vexp::lse(t, 1.0 / tau),
                 };
                 tlse_out = tlse;
-                match out.as_deref_mut() {
-                    _ if one_pass.is_some() => kd = one_pass.map_or(0.0, |(k, _)| k),
+                match (one_pass, out.as_deref_mut()) {
+                    (Some((k, _)), _) => kd = k,
                     // Forward KL, the common case: Σ p (log p − log q), and q − p with it in the
                     // same pass (vectorised exponentials, f64 block sums).
-                    None if fkl => {
+                    (None, None) if fkl => {
                         kd = vexp::fkl_value(s, t, 1.0 / tau, -lse_tau, -tlse);
                     }
-                    Some(o) if fkl => {
+                    (None, Some(o)) if fkl => {
                         let o = &mut o[..v];
                         let c = g_kd * tau;
                         kd = vexp::fkl_value_grad(s, t, 1.0 / tau, -lse_tau, -tlse, c, o);
                     }
-                    None => {
+                    (None, None) => {
                         for j in 0..v {
                             let lp = (t[j] / tau - tlse) as f64;
                             let lq = (s[j] / tau - lse_tau) as f64;
                             kd += bucket(self.kind, lp, lq).0;
                         }
                     }
-                    Some(o) => {
+                    (None, Some(o)) => {
                         // dz_j = h_j − q_j Σ h; ∂/∂s = τ²·dz/τ.
                         let mut sum_h = 0f64;
                         for j in 0..v {
