@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI's ecosystem check: transformers 5 and 4 open the model dirs distill writes — the converted
-# teacher, a `distill prune` cut and a trained student — with distill's token ids (digits after
+# teacher, a `distill prune` cut and a trained student, and the same three for a tiny random Gemma 3
+# that transformers writes (scripts/make_tiny_gemma3.py) — with distill's token ids (digits after
 # blank lines, unicode, the chat template) and logits within 1e-4, their model cards parse with
 # huggingface_hub, and a `distill export` GGUF (f32, f16, q8_0) loads in transformers' GGUF loader
 # within the tolerance stated per type (scripts/check_transformers.py).
@@ -69,7 +70,16 @@ checkpoint_every = 0
 TOML
 "$bin" train --config "$work/run.toml" --out "$work/run"
 
-dirs=("$teacher" "$work/pruned" "$work/run/final")
+echo "==> fixtures: a tiny random Gemma 3, a cut of it and a 2-step student of that cut" >&2
+"$venv/bin/python" scripts/make_tiny_gemma3.py "$work/gemma" "$teacher" >/dev/null
+"$bin" prune --teacher "$work/gemma" --tokens "$work/tokens" --out "$work/gemma-pruned" \
+  --layers 3 --heads 2 --kv-heads 1 --intermediate 96 --calib-sequences 2 --kl-sequences 1 \
+  --batch-size 1
+sed -e "s|^model = \"$teacher\"|model = \"$work/gemma\"|" \
+  -e "s|^model = \"$work/pruned\"|model = \"$work/gemma-pruned\"|" "$work/run.toml" >"$work/gemma.toml"
+"$bin" train --config "$work/gemma.toml" --out "$work/gemma-run"
+
+dirs=("$teacher" "$work/pruned" "$work/run/final" "$work/gemma" "$work/gemma-pruned" "$work/gemma-run/final")
 [[ -n "${CHECK_TRANSFORMERS_KEEP:-}" ]] && trap - EXIT && echo "fixtures kept in $work" >&2
 echo "==> transformers 5" >&2
 "$venv/bin/python" scripts/check_transformers.py --distill "$bin" "${dirs[@]}" --gguf "$work/run/final"

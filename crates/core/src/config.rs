@@ -12,16 +12,22 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    /// Gemma 3's text model: Llama's layout with q/k norms, norms before and after both
+    /// sublayers, `(1 + w)` norm weights, a GeGLU MLP, embeddings scaled by √hidden, and
+    /// sliding-window layers with their own rotary base between full-attention ones.
+    Gemma3,
 }
 
 impl Arch {
-    pub const SUPPORTED: &'static str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+    pub const SUPPORTED: &'static str =
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM";
 
     pub fn from_architecture(name: &str) -> Option<Self> {
         match name {
             "LlamaForCausalLM" => Some(Arch::Llama),
             "MistralForCausalLM" => Some(Arch::Mistral),
             "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            "Gemma3ForCausalLM" => Some(Arch::Gemma3),
             _ => None,
         }
     }
@@ -31,6 +37,7 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -39,6 +46,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
 }
@@ -71,6 +79,9 @@ pub struct HfRopeParams {
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
     pub original_max_position_embeddings: Option<usize>,
+    /// Gemma 3 under transformers 5: one set per layer type.
+    pub full_attention: Option<Box<HfRopeParams>>,
+    pub sliding_attention: Option<Box<HfRopeParams>>,
 }
 
 /// A Hugging Face `config.json`, as written by transformers for the supported architectures.
@@ -87,6 +98,17 @@ pub struct HfConfig {
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
     pub hidden_act: Option<String>,
+    /// Gemma's name for `hidden_act`.
+    pub hidden_activation: Option<String>,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub layer_types: Option<Vec<String>>,
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(rename = "_sliding_window_pattern")]
+    pub sliding_window_pattern_private: Option<usize>,
+    pub rope_local_base_freq: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
+    pub use_bidirectional_attention: Option<bool>,
     pub max_position_embeddings: Option<usize>,
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
@@ -118,6 +140,25 @@ pub enum RopeScaling {
     Linear { factor: f64 },
 }
 
+/// What Gemma 3 adds to the shared fields (`rope_theta` and `rope_scaling` are its full-attention
+/// layers'; `sliding_window` its sliding layers' window).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gemma3 {
+    /// Attention scores are scaled by `query_pre_attn_scalar^-½`, not `head_dim^-½`.
+    pub query_pre_attn_scalar: f64,
+    /// Per layer: true for sliding-window ("local") attention, false for full attention.
+    pub sliding_layers: Vec<bool>,
+    /// The rotary base of the sliding layers.
+    pub rope_local_theta: f64,
+}
+
+impl Gemma3 {
+    /// Gemma 3's own layout for `n` layers: every sixth layer full, the others sliding.
+    pub fn default_layers(n: usize) -> Vec<bool> {
+        (0..n).map(|i| (i + 1) % 6 != 0).collect()
+    }
+}
+
 /// The runtime configuration the model is built from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
@@ -140,8 +181,10 @@ pub struct Config {
     pub o_bias: bool,
     /// Bias on the MLP projections (Llama with `mlp_bias`).
     pub mlp_bias: bool,
-    /// Attention only looks this many tokens back (Mistral).
+    /// Attention only looks this many tokens back (Mistral; Gemma 3's sliding layers).
     pub sliding_window: Option<usize>,
+    /// Gemma 3's extra parameters; `Some` exactly when `arch` is [`Arch::Gemma3`].
+    pub gemma3: Option<Gemma3>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -166,6 +209,7 @@ impl HfConfig {
                     "llama" => Some("LlamaForCausalLM".to_string()),
                     "mistral" => Some("MistralForCausalLM".to_string()),
                     "qwen2" => Some("Qwen2ForCausalLM".to_string()),
+                    "gemma3_text" => Some("Gemma3ForCausalLM".to_string()),
                     _ => None,
                 })
             })
@@ -176,10 +220,31 @@ impl HfConfig {
                 Arch::SUPPORTED
             )
         })?;
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
-                return Err(format!("unsupported hidden_act {act} (only silu)"));
+        let gemma = arch == Arch::Gemma3;
+        // Gemma's configs carry `hidden_activation` (and a `hidden_act` transformers ignores).
+        let act = if gemma {
+            self.hidden_activation.as_ref().or(self.hidden_act.as_ref())
+        } else {
+            self.hidden_act.as_ref()
+        };
+        let want_act = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+        if let Some(act) = act {
+            if act != want_act {
+                return Err(format!(
+                    "unsupported hidden_act {act} (only {want_act} for {arch_name})"
+                ));
             }
+        }
+        for (name, v) in [
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+        ] {
+            if v.is_some() {
+                return Err(format!("unsupported {name} (only null)"));
+            }
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err("unsupported use_bidirectional_attention (only causal)".into());
         }
         if self.num_attention_heads == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return Err("hidden_size, num_attention_heads and vocab_size must be > 0".into());
@@ -199,8 +264,28 @@ impl HfConfig {
                 "head_dim {head_dim} must be even for rotary embeddings"
             ));
         }
-        // 5.x moves rope_theta and the scaling into `rope_parameters`.
-        let rope = self.rope_parameters.or(self.rope_scaling);
+        // 5.x moves rope_theta and the scaling into `rope_parameters`. Gemma 3 keeps one set per
+        // layer type there (4.x: the full layers' in `rope_theta`/`rope_scaling`, the sliding
+        // layers' base in `rope_local_base_freq`).
+        let sliding_rope = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.sliding_attention.as_deref())
+            .cloned();
+        if let Some(kind) = sliding_rope
+            .as_ref()
+            .and_then(|r| r.rope_type.as_deref().or(r.kind.as_deref()))
+        {
+            if kind != "default" {
+                return Err(format!(
+                    "unsupported rope type {kind} on sliding layers (only default)"
+                ));
+            }
+        }
+        let rope = match self.rope_parameters.or(self.rope_scaling) {
+            Some(r) if r.full_attention.is_some() => r.full_attention.map(|b| *b),
+            other => other,
+        };
         let rope_theta = self
             .rope_theta
             .or_else(|| rope.as_ref().and_then(|r| r.rope_theta))
@@ -235,7 +320,47 @@ impl HfConfig {
         let sliding_window = match arch {
             Arch::Mistral => self.sliding_window,
             Arch::Qwen2 if self.use_sliding_window.unwrap_or(false) => self.sliding_window,
+            Arch::Gemma3 => Some(self.sliding_window.unwrap_or(4096)),
             _ => None,
+        };
+        let gemma3 = if gemma {
+            let layer_types = match &self.layer_types {
+                Some(types) => types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(format!("unsupported layer type {other}")),
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+                None => {
+                    let pattern = self
+                        .sliding_window_pattern
+                        .or(self.sliding_window_pattern_private)
+                        .unwrap_or(6)
+                        .max(1);
+                    (0..self.num_hidden_layers)
+                        .map(|i| (i + 1) % pattern != 0)
+                        .collect()
+                }
+            };
+            if layer_types.len() != self.num_hidden_layers {
+                return Err(format!(
+                    "layer_types lists {} layers, num_hidden_layers is {}",
+                    layer_types.len(),
+                    self.num_hidden_layers
+                ));
+            }
+            Some(Gemma3 {
+                query_pre_attn_scalar: self.query_pre_attn_scalar.unwrap_or(256.0),
+                sliding_layers: layer_types,
+                rope_local_theta: sliding_rope
+                    .and_then(|r| r.rope_theta)
+                    .or(self.rope_local_base_freq)
+                    .unwrap_or(10_000.0),
+            })
+        } else {
+            None
         };
         let torch_dtype = self
             .torch_dtype
@@ -260,6 +385,7 @@ impl HfConfig {
             o_bias: matches!(arch, Arch::Llama) && attention_bias,
             mlp_bias: matches!(arch, Arch::Llama) && self.mlp_bias.unwrap_or(false),
             sliding_window,
+            gemma3,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
             pad_token_id: self.pad_token_id,
@@ -303,6 +429,7 @@ impl Config {
             o_bias: false,
             mlp_bias: false,
             sliding_window: None,
+            gemma3: None,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
             pad_token_id: None,
@@ -317,6 +444,34 @@ impl Config {
             tie_word_embeddings: false,
             qkv_bias: true,
             ..Config::tiny()
+        }
+    }
+
+    /// The tiny preset as a Gemma 3: 3 layers (sliding, sliding, full) with a window of 4, head_dim
+    /// 16 ≠ hidden / heads, tied embeddings.
+    pub fn tiny_gemma3() -> Self {
+        Config {
+            arch: Arch::Gemma3,
+            num_hidden_layers: 3,
+            head_dim: 16,
+            rms_norm_eps: 1e-6,
+            sliding_window: Some(4),
+            gemma3: Some(Gemma3 {
+                query_pre_attn_scalar: 16.0,
+                sliding_layers: vec![true, true, false],
+                rope_local_theta: 10_000.0,
+            }),
+            rope_theta: 1_000_000.0,
+            ..Config::tiny()
+        }
+    }
+
+    /// Layer `i` attends through a sliding window (every layer of Mistral with a window, Gemma 3's
+    /// sliding layers).
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        match &self.gemma3 {
+            Some(g) if !g.sliding_layers.get(i).copied().unwrap_or(true) => None,
+            _ => self.sliding_window,
         }
     }
 
@@ -341,7 +496,10 @@ impl Config {
         if self.mlp_bias {
             mlp += 2 * i + h;
         }
-        let layer = attn + mlp + 2 * h;
+        let mut layer = attn + mlp + 2 * h;
+        if self.arch == Arch::Gemma3 {
+            layer += 2 * h + 2 * d; // norms after both sublayers, and on q and k
+        }
         let emb = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + self.num_hidden_layers * layer + h
@@ -415,6 +573,52 @@ impl Config {
                     json!(self.sliding_window.is_some()),
                 );
                 obj.insert("sliding_window".into(), json!(self.sliding_window));
+            }
+            Arch::Gemma3 => {
+                let g = self
+                    .gemma3
+                    .as_ref()
+                    .expect("a Gemma 3 config carries its Gemma3 fields");
+                obj.remove("hidden_act");
+                obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+                obj.insert("attention_bias".into(), json!(false));
+                // transformers 5 types it as an int.
+                let scalar = g.query_pre_attn_scalar;
+                let scalar = if scalar.fract() == 0.0 && scalar >= 0.0 {
+                    json!(scalar as u64)
+                } else {
+                    json!(scalar)
+                };
+                obj.insert("query_pre_attn_scalar".into(), scalar);
+                obj.insert("sliding_window".into(), json!(self.sliding_window));
+                let types: Vec<&str> = g
+                    .sliding_layers
+                    .iter()
+                    .map(|&s| {
+                        if s {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                obj.insert("layer_types".into(), json!(types));
+                // 4.x reads these two; 5.x the per-type `rope_parameters`.
+                obj.insert("rope_local_base_freq".into(), json!(g.rope_local_theta));
+                let mut full = obj
+                    .get("rope_scaling")
+                    .cloned()
+                    .filter(|v| !v.is_null())
+                    .unwrap_or_else(|| json!({"rope_type": "default"}));
+                full["rope_theta"] = json!(self.rope_theta);
+                obj.insert(
+                    "rope_parameters".into(),
+                    json!({"full_attention": full,
+                           "sliding_attention": {"rope_type": "default", "rope_theta": g.rope_local_theta}}),
+                );
+                obj.insert("final_logit_softcapping".into(), serde_json::Value::Null);
+                obj.insert("attn_logit_softcapping".into(), serde_json::Value::Null);
+                obj.insert("use_bidirectional_attention".into(), json!(false));
             }
         }
         if let Some(b) = self.bos_token_id {
@@ -500,9 +704,69 @@ mod tests {
         );
     }
 
+    /// Gemma 3 270M's config as transformers 5.24 writes it (from the GGUF, `save_pretrained`),
+    /// and the same model as a 4.x config: per-layer types and rotary bases either way.
+    #[test]
+    fn reads_gemma3_in_both_transformers_forms() {
+        let v5 = r#"{"_sliding_window_pattern": 6, "architectures": ["Gemma3ForCausalLM"],
+          "attention_bias": false, "attn_logit_softcapping": null, "bos_token_id": 2, "dtype": "float32",
+          "eos_token_id": 1, "final_logit_softcapping": null, "head_dim": 256,
+          "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640, "intermediate_size": 2048,
+          "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+            "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+            "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+            "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+          "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+          "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+          "rms_norm_eps": 1e-06, "rope_parameters": {"full_attention": {"rope_theta": 1000000.0,
+          "rope_type": "default"}, "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
+          "sliding_window": 512, "tie_word_embeddings": true, "use_bidirectional_attention": false,
+          "vocab_size": 262144}"#;
+        let cfg = HfConfig::from_json(v5).unwrap().into_config().unwrap();
+        assert_eq!(cfg.arch, Arch::Gemma3);
+        assert_eq!((cfg.head_dim, cfg.rope_theta), (256, 1_000_000.0));
+        let g = cfg.gemma3.as_ref().unwrap();
+        assert_eq!(g.sliding_layers, Gemma3::default_layers(18));
+        assert_eq!(
+            (g.rope_local_theta, g.query_pre_attn_scalar),
+            (10_000.0, 256.0)
+        );
+        assert_eq!(
+            (cfg.layer_window(0), cfg.layer_window(5)),
+            (Some(512), None)
+        );
+        // The safetensors transformers writes for it hold 268,098,176 values.
+        assert_eq!(cfg.num_params(), 268_098_176);
+        let mut v4: serde_json::Value = serde_json::from_str(v5).unwrap();
+        let obj = v4.as_object_mut().unwrap();
+        for k in ["rope_parameters", "layer_types"] {
+            obj.remove(k);
+        }
+        obj.insert("rope_theta".into(), 1_000_000.0.into());
+        obj.insert("rope_local_base_freq".into(), 10_000.0.into());
+        let cfg4 = HfConfig::from_json(&v4.to_string())
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg4, cfg);
+        for (field, value) in [
+            ("final_logit_softcapping", "30.0"),
+            ("hidden_activation", "\"silu\""),
+            ("use_bidirectional_attention", "true"),
+        ] {
+            let mut bad: serde_json::Value = serde_json::from_str(v5).unwrap();
+            bad[field] = serde_json::from_str(value).unwrap();
+            let err = HfConfig::from_json(&bad.to_string())
+                .unwrap()
+                .into_config()
+                .unwrap_err();
+            assert!(err.starts_with("unsupported"), "{field}: {err}");
+        }
+    }
+
     #[test]
     fn hf_json_round_trips() {
-        for cfg in [Config::tiny(), Config::tiny_qwen2()] {
+        for cfg in [Config::tiny(), Config::tiny_qwen2(), Config::tiny_gemma3()] {
             let json = cfg.to_hf_json().to_string();
             let back = HfConfig::from_json(&json).unwrap().into_config().unwrap();
             assert_eq!(back, cfg);

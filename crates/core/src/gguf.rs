@@ -161,6 +161,7 @@ impl Gguf {
                 .contains_key("blk.0.attn_output.bias"),
             mlp_bias: false,
             sliding_window: None,
+            gemma3: None,
             bos_token_id: self.get_u32("tokenizer.ggml.bos_token_id").ok(),
             eos_token_ids: self
                 .get_u32("tokenizer.ggml.eos_token_id")

@@ -23,7 +23,7 @@ pub mod vexp;
 pub mod weights;
 
 pub use cache::TeacherTargets;
-pub use config::{Arch, Config, HfConfig};
+pub use config::{Arch, Config, Gemma3, HfConfig};
 pub use device::parse_device;
 pub use error::{Error, Result};
 pub use model::{CausalLm, KvCache, Probe};

@@ -5,7 +5,7 @@
 //! Unlike candle-transformers' llama, `forward` returns logits for every position, which is what
 //! distillation needs; `forward_cached` serves generation with a KV cache.
 
-use crate::config::{Config, RopeScaling};
+use crate::config::{Arch, Config, RopeScaling};
 use crate::ops;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -59,22 +59,43 @@ impl Module for Linear {
     }
 }
 
+/// RMSNorm, `x / rms(x) · (offset + w)`: offset 0 for Llama, 1 for Gemma (whose checkpoints
+/// store `w` centred on zero). `weight` is always the checkpoint's tensor.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
+    /// `offset + weight` when the weight is frozen, computed once.
+    scale: Option<Tensor>,
+    offset: f64,
     eps: f64,
 }
 
 impl RmsNorm {
-    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
-        Ok(Self { weight, eps })
+    fn load(vb: VarBuilder, dim: usize, eps: f64, offset: f64) -> Result<Self> {
+        // HF initialises the effective scale to 1: weight 1, or 0 under an offset of 1.
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0 - offset))?;
+        let scale = if offset != 0.0 && !weight.track_op() {
+            Some(weight.affine(1.0, offset)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            scale,
+            offset,
+            eps,
+        })
     }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::rms_norm(x, &self.weight, self.eps)
+        match (&self.scale, self.offset) {
+            (Some(scale), _) => ops::rms_norm(x, scale, self.eps),
+            (None, 0.0) => ops::rms_norm(x, &self.weight, self.eps),
+            // Trained under an offset: the sum is part of the graph, so the Var gets its gradient.
+            (None, offset) => ops::rms_norm(x, &self.weight.affine(1.0, offset)?, self.eps),
+        }
     }
 }
 
@@ -86,12 +107,17 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(cfg: &Config, device: &Device) -> Result<Self> {
+    fn new(
+        cfg: &Config,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        device: &Device,
+    ) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let mut inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
             .collect();
-        match &cfg.rope_scaling {
+        match scaling {
             None => {}
             Some(RopeScaling::Linear { factor }) => {
                 inv_freq.iter_mut().for_each(|f| *f /= factor);
@@ -237,9 +263,13 @@ impl Projections {
 struct Attention {
     qkv: Projections,
     o_proj: Linear,
+    /// RMSNorm over each head's query and key before the rotation (Gemma 3).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    /// Multiplies the scores: `head_dim^-½`, or Gemma 3's `query_pre_attn_scalar^-½`.
+    scale: f64,
 }
 
 impl Attention {
@@ -267,9 +297,20 @@ impl Attention {
                 )?,
             ])?,
             o_proj: Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * d, h, cfg.o_bias)?,
+            qk_norm: match cfg.arch {
+                Arch::Gemma3 => Some((
+                    RmsNorm::load(vb.pp("q_norm"), d, cfg.rms_norm_eps, 1.0)?,
+                    RmsNorm::load(vb.pp("k_norm"), d, cfg.rms_norm_eps, 1.0)?,
+                )),
+                _ => None,
+            },
             n_heads: cfg.num_attention_heads,
             n_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
+            scale: match &cfg.gemma3 {
+                Some(g) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+                None => 1.0 / (d as f64).sqrt(),
+            },
         })
     }
 
@@ -304,9 +345,13 @@ impl Attention {
         let q = heads(qkv[0].clone(), h)?;
         let k = heads(qkv[1].clone(), kvh)?;
         let v = heads(qkv[2].clone(), kvh)?;
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            None => (q, k),
+        };
         // Scaling q before QKᵀ costs T·D multiplies per head instead of T·S (here, none: the
         // rotation's pass does it).
-        let q = rope.apply(&q, pos, 1.0 / (d as f64).sqrt())?;
+        let q = rope.apply(&q, pos, self.scale)?;
         let k = rope.apply(&k, pos, 1.0)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(&k, &v)?,
@@ -340,6 +385,8 @@ impl Attention {
 struct Mlp {
     gate_up: Projections,
     down_proj: Linear,
+    /// GeGLU (`gelu_tanh(gate) · up`, Gemma) instead of SwiGLU.
+    gelu: bool,
 }
 
 impl Mlp {
@@ -351,6 +398,7 @@ impl Mlp {
                 Linear::load(vb.pp("up_proj"), h, i, cfg.mlp_bias)?,
             ])?,
             down_proj: Linear::load(vb.pp("down_proj"), i, h, cfg.mlp_bias)?,
+            gelu: cfg.arch == Arch::Gemma3,
         })
     }
 }
@@ -359,7 +407,14 @@ impl Mlp {
     /// The gated activations the down projection reads, (…, intermediate).
     fn activations(&self, x: &Tensor) -> Result<Tensor> {
         let width = self.down_proj.weight.dim(1)?;
-        ops::swiglu_packed(&self.gate_up.forward_packed(x)?, width)
+        let packed = self.gate_up.forward_packed(x)?;
+        if self.gelu {
+            // transformers' gelu_pytorch_tanh is candle's `gelu` (the tanh approximation).
+            let gate = packed.narrow(D::Minus1, 0, width)?;
+            let up = packed.narrow(D::Minus1, width, width)?;
+            return gate.gelu()? * up;
+        }
+        ops::swiglu_packed(&packed, width)
     }
 }
 
@@ -369,30 +424,71 @@ impl Module for Mlp {
     }
 }
 
+/// One decoder layer. Llama: `x + attn(n₁(x))`, then `+ mlp(n₂(·))` with n₂ the
+/// `post_attention_layernorm`. Gemma 3 ("sandwich" norms): `x + n₂(attn(n₁(x)))`, then
+/// `+ n₄(mlp(n₃(·)))` with n₃, n₄ the `pre_`/`post_feedforward_layernorm`.
 #[derive(Debug, Clone)]
 struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
+    /// Gemma 3: (pre_feedforward_layernorm, post_feedforward_layernorm).
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     mlp: Mlp,
+    /// Attends through `cfg.sliding_window` with the local rotary base (Gemma 3's sliding layers).
+    local: bool,
+    window: Option<usize>,
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, i: usize) -> Result<Self> {
+        let norm = |name: &str| {
+            let offset = if cfg.arch == Arch::Gemma3 { 1.0 } else { 0.0 };
+            RmsNorm::load(vb.pp(name), cfg.hidden_size, cfg.rms_norm_eps, offset)
+        };
+        let local = cfg
+            .gemma3
+            .as_ref()
+            .is_some_and(|g| g.sliding_layers.get(i).copied().unwrap_or(false));
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                vb.pp("input_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(
-                vb.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            feedforward_norms: match cfg.arch {
+                Arch::Gemma3 => Some((
+                    norm("pre_feedforward_layernorm")?,
+                    norm("post_feedforward_layernorm")?,
+                )),
+                _ => None,
+            },
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            local,
+            window: cfg.layer_window(i),
         })
+    }
+
+    /// The norm the MLP reads its input through.
+    fn mlp_norm(&self) -> &RmsNorm {
+        match &self.feedforward_norms {
+            Some((pre, _)) => pre,
+            None => &self.post_attention_layernorm,
+        }
+    }
+
+    /// What the attention adds to the residual stream, from its output projection's result.
+    fn attn_residual(&self, h: Tensor) -> Result<Tensor> {
+        match &self.feedforward_norms {
+            Some(_) => self.post_attention_layernorm.forward(&h),
+            None => Ok(h),
+        }
+    }
+
+    /// What the MLP adds to the residual stream, from its down projection's result.
+    fn mlp_residual(&self, h: Tensor) -> Result<Tensor> {
+        match &self.feedforward_norms {
+            Some((_, post)) => post.forward(&h),
+            None => Ok(h),
+        }
     }
 }
 
@@ -433,7 +529,24 @@ pub struct CausalLm {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    /// The sliding layers' rotary tables, where their base differs (Gemma 3).
+    rope_local: Option<Rope>,
+    /// Embeddings are multiplied by this on the way in (Gemma: √hidden, rounded to f32).
+    embed_scale: Option<f64>,
     cfg: Config,
+}
+
+/// The additive masks of one forward, one per distinct attention window among the layers
+/// (`None`: full causal attention); a mask is `None` where it would hide nothing.
+struct Masks(Vec<(Option<usize>, Option<Tensor>)>);
+
+impl Masks {
+    fn get(&self, window: Option<usize>) -> Option<&Tensor> {
+        self.0
+            .iter()
+            .find(|(w, _)| *w == window)
+            .and_then(|(_, m)| m.as_ref())
+    }
 }
 
 impl CausalLm {
@@ -447,10 +560,25 @@ impl CausalLm {
                 stdev: 0.02,
             },
         )?;
+        if let Some(g) = &cfg.gemma3 {
+            if g.sliding_layers.len() != cfg.num_hidden_layers {
+                candle_core::bail!(
+                    "Gemma 3 config lists {} layer types for {} layers",
+                    g.sliding_layers.len(),
+                    cfg.num_hidden_layers
+                )
+            }
+        }
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let offset = if cfg.arch == Arch::Gemma3 { 1.0 } else { 0.0 };
+        let norm = RmsNorm::load(
+            vb.pp("model.norm"),
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            offset,
+        )?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear {
                 weight: embed_tokens.clone(),
@@ -464,7 +592,16 @@ impl CausalLm {
             layers,
             norm,
             lm_head,
-            rope: Rope::new(cfg, vb.device())?,
+            rope: Rope::new(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), vb.device())?,
+            rope_local: match &cfg.gemma3 {
+                Some(g) => Some(Rope::new(cfg, g.rope_local_theta, None, vb.device())?),
+                None => None,
+            },
+            // transformers: `embed * tensor(hidden ** 0.5)` in the weights' dtype (f32 here).
+            embed_scale: match cfg.arch {
+                Arch::Gemma3 => Some((cfg.hidden_size as f64).sqrt() as f32 as f64),
+                _ => None,
+            },
             cfg: cfg.clone(),
         })
     }
@@ -527,11 +664,11 @@ impl CausalLm {
                 self.layers.len()
             );
         }
-        let mask = causal_mask(ids.dim(1)?, 0, self.cfg.sliding_window, ids.device())?;
+        let masks = self.masks(ids.dim(1)?, 0, ids.device())?;
         let mut x = self.embed(ids)?;
         let mut out: Vec<Option<Tensor>> = vec![None; taps.len()];
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.block(layer, &x, 0, Some(&mask), None)?;
+            x = self.block(layer, &x, 0, masks.get(layer.window), None)?;
             for (k, _) in taps.iter().enumerate().filter(|(_, &l)| l == i) {
                 out[k] = Some(x.clone());
             }
@@ -589,8 +726,18 @@ impl CausalLm {
                 left_pad.len()
             );
         }
-        let mask = padded_causal_mask(t, pos, left_pad, self.cfg.sliding_window, ids.device())?;
-        let hidden = self.forward_hidden_masked(ids, pos, Some(cache), Some(mask))?;
+        let masks = Masks(
+            self.windows()
+                .into_iter()
+                .map(|w| {
+                    Ok((
+                        w,
+                        Some(padded_causal_mask(t, pos, left_pad, w, ids.device())?),
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        );
+        let hidden = self.forward_hidden_masked(ids, pos, Some(cache), &masks)?;
         self.lm_head
             .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
     }
@@ -601,27 +748,52 @@ impl CausalLm {
         pos: usize,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        let mask = if t == 1 {
-            None
-        } else {
-            Some(causal_mask(t, pos, self.cfg.sliding_window, ids.device())?)
-        };
-        self.forward_hidden_masked(ids, pos, cache, mask)
+        let masks = self.masks(ids.dim(1)?, pos, ids.device())?;
+        self.forward_hidden_masked(ids, pos, cache, &masks)
     }
 
-    /// `mask`: additive, broadcastable to (B, 1, 1, T, S), or None for no masking.
+    /// The distinct attention windows of the layers, `None` for full attention.
+    fn windows(&self) -> Vec<Option<usize>> {
+        let mut out: Vec<Option<usize>> = Vec::new();
+        for layer in &self.layers {
+            if !out.contains(&layer.window) {
+                out.push(layer.window);
+            }
+        }
+        out
+    }
+
+    /// Causal masks for `t` new positions after `pos` cached ones, per window. A single new
+    /// position needs none unless a window hides some of the cache from it.
+    fn masks(&self, t: usize, pos: usize, device: &Device) -> Result<Masks> {
+        let masks = self
+            .windows()
+            .into_iter()
+            .map(|w| {
+                let hides_nothing = t == 1 && w.is_none_or(|w| pos < w);
+                let mask = if hides_nothing {
+                    None
+                } else {
+                    Some(causal_mask(t, pos, w, device)?)
+                };
+                Ok((w, mask))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Masks(masks))
+    }
+
+    /// Each mask additive, broadcastable to (B, 1, 1, T, S), or None for no masking.
     fn forward_hidden_masked(
         &self,
         ids: &Tensor,
         pos: usize,
         mut cache: Option<&mut KvCache>,
-        mask: Option<Tensor>,
+        masks: &Masks,
     ) -> Result<Tensor> {
         let mut x = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block(layer, &x, pos, mask.as_ref(), layer_cache)?;
+            x = self.block(layer, &x, pos, masks.get(layer.window), layer_cache)?;
         }
         self.norm.forward(&x)
     }
@@ -629,9 +801,22 @@ impl CausalLm {
     /// Token embeddings, (B, T) → (B, T, hidden).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed_tokens
+        let x = self
+            .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))
+            .reshape((b, t, self.cfg.hidden_size))?;
+        match self.embed_scale {
+            Some(scale) => x.affine(scale, 0.0),
+            None => Ok(x),
+        }
+    }
+
+    /// The rotary tables layer `layer` uses.
+    fn rope_of(&self, layer: &Block) -> &Rope {
+        match (&self.rope_local, layer.local) {
+            (Some(local), true) => local,
+            _ => &self.rope,
+        }
     }
 
     /// One decoder layer on the residual stream: x + attn(norm(x)), then + mlp(norm(·)).
@@ -644,12 +829,12 @@ impl CausalLm {
         cache: Option<&mut candle_nn::kv_cache::KvCache>,
     ) -> Result<Tensor> {
         let h = layer.input_layernorm.forward(x)?;
-        let h = layer.self_attn.forward(&h, &self.rope, pos, mask, cache)?;
-        let x = (x + h)?;
         let h = layer
-            .mlp
-            .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-        x + h
+            .self_attn
+            .forward(&h, self.rope_of(layer), pos, mask, cache)?;
+        let x = (x + layer.attn_residual(h)?)?;
+        let h = layer.mlp.forward(&layer.mlp_norm().forward(&x)?)?;
+        x + layer.mlp_residual(h)?
     }
 }
 
@@ -704,12 +889,12 @@ impl CausalLm {
     /// (B, T, hidden). With [`forward_from`](Self::forward_from), a layer's removal can be scored
     /// by running only the layers after it.
     pub fn residual_stream(&self, ids: &Tensor) -> Result<Vec<Tensor>> {
-        let mask = causal_mask(ids.dim(1)?, 0, self.cfg.sliding_window, ids.device())?;
+        let masks = self.masks(ids.dim(1)?, 0, ids.device())?;
         let mut x = self.embed(ids)?;
         let mut out = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
             out.push(x.clone());
-            x = self.block(layer, &x, 0, Some(&mask), None)?;
+            x = self.block(layer, &x, 0, masks.get(layer.window), None)?;
         }
         out.push(x);
         Ok(out)
@@ -718,11 +903,10 @@ impl CausalLm {
     /// Logits (B, T, V) from the residual stream `x` entering layer `from`: layers `from..`, the
     /// final norm and the output projection.
     pub fn forward_from(&self, x: &Tensor, from: usize) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        let mask = causal_mask(t, 0, self.cfg.sliding_window, x.device())?;
+        let masks = self.masks(x.dim(1)?, 0, x.device())?;
         let mut x = x.clone();
         for layer in &self.layers[from.min(self.layers.len())..] {
-            x = self.block(layer, &x, 0, Some(&mask), None)?;
+            x = self.block(layer, &x, 0, masks.get(layer.window), None)?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?)
     }
@@ -731,19 +915,23 @@ impl CausalLm {
     /// by added into `probe`. Slower than [`forward`](Self::forward); for calibration.
     pub fn forward_probed(&self, ids: &Tensor, probe: &mut Probe) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mask = causal_mask(t, 0, self.cfg.sliding_window, ids.device())?;
+        let masks = self.masks(t, 0, ids.device())?;
         let mut x = self.embed(ids)?;
         let (nh, d) = (self.cfg.num_attention_heads, self.cfg.head_dim);
         for (i, layer) in self.layers.iter().enumerate() {
             let x_in = x.clone();
             let n1 = layer.input_layernorm.forward(&x)?;
-            let heads = layer
-                .self_attn
-                .attend(&n1, &self.rope, 0, Some(&mask), None)?;
-            x = (x + layer.self_attn.o_proj.forward(&heads)?)?;
-            let n2 = layer.post_attention_layernorm.forward(&x)?;
+            let heads = layer.self_attn.attend(
+                &n1,
+                self.rope_of(layer),
+                0,
+                masks.get(layer.window),
+                None,
+            )?;
+            x = (x + layer.attn_residual(layer.self_attn.o_proj.forward(&heads)?)?)?;
+            let n2 = layer.mlp_norm().forward(&x)?;
             let act = layer.mlp.activations(&n2)?;
-            x = (&x + layer.mlp.down_proj.forward(&act)?)?;
+            x = (&x + layer.mlp_residual(layer.mlp.down_proj.forward(&act)?)?)?;
             let dot = (&x_in * &x)?.sum(D::Minus1)?;
             let norms = (x_in.sqr()?.sum(D::Minus1)? * x.sqr()?.sum(D::Minus1)?)?.sqrt()?;
             let cos = (dot / (norms + 1e-12)?)?;

@@ -67,6 +67,18 @@ fn every_var_gets_a_gradient_qwen2_untied_with_biases() {
     every_var_gets_a_gradient(&cfg);
 }
 
+fn tiny_gemma3() -> Config {
+    Config {
+        vocab_size: tiny_config().vocab_size,
+        ..Config::tiny_gemma3()
+    }
+}
+
+#[test]
+fn every_var_gets_a_gradient_gemma3_norms_and_geglu() {
+    every_var_gets_a_gradient(&tiny_gemma3());
+}
+
 #[test]
 fn save_load_round_trip() {
     for cfg in [
@@ -75,6 +87,7 @@ fn save_load_round_trip() {
             vocab_size: tiny_config().vocab_size,
             ..Config::tiny_qwen2()
         },
+        tiny_gemma3(),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let model = write_tiny_model_dir(dir.path(), &cfg, 3).unwrap();
@@ -164,10 +177,40 @@ fn qwen2_biases_and_untied_head_are_used() {
     assert!(!data.contains_key("model.layers.0.self_attn.o_proj.bias"));
 }
 
-/// Prefill + one-token steps with the KV cache give the full forward's logits.
+/// Prefill + one-token steps with the KV cache give the full forward's logits; for Gemma 3 (window
+/// 4) the steps run past the sliding layers' window.
 #[test]
 fn kv_cache_matches_full_forward() {
-    let cfg = tiny_config();
+    for cfg in [tiny_config(), tiny_gemma3()] {
+        kv_cache_matches_full_forward_for(&cfg);
+    }
+}
+
+/// Gemma 3's sliding layers hide keys beyond the window and its full layers do not: through one
+/// sliding layer (window 4) the last position's logits ignore a token 5 back; through one full
+/// layer they don't. (Stacked windows reach further, so one layer.)
+#[test]
+fn gemma3_windows_per_layer() {
+    let (a, b) = (
+        [[5u32, 6, 7, 8, 9, 10]],
+        [[11u32, 6, 7, 8, 9, 10]], // differs 5 positions before the last
+    );
+    for (sliding, sees_it) in [(true, false), (false, true)] {
+        let mut cfg = tiny_gemma3();
+        cfg.num_hidden_layers = 1;
+        cfg.gemma3.as_mut().unwrap().sliding_layers = vec![sliding];
+        let (model, _) = random_model(&cfg, 5).unwrap();
+        let last = |x| {
+            let x = Tensor::new(x, &Device::Cpu).unwrap();
+            model.forward(&x).unwrap().get(0).unwrap().get(5).unwrap()
+        };
+        let d = max_abs_diff(&last(&a), &last(&b));
+        assert_eq!(d > 1e-4, sees_it, "difference {d}");
+    }
+}
+
+fn kv_cache_matches_full_forward_for(cfg: &Config) {
+    let cfg = cfg.clone();
     let (model, _) = random_model(&cfg, 7).unwrap();
     let x = ids(1, 10, cfg.vocab_size);
     let full = model.forward(&x).unwrap(); // (1, 10, V)

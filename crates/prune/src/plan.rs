@@ -3,7 +3,7 @@
 //! channels, heads and layers stay in their original order.
 
 use candle_core::{Tensor, D};
-use distill_core::{Config, Error, Result};
+use distill_core::{Arch, Config, Error, Gemma3, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -29,7 +29,8 @@ impl Shape {
         }
     }
 
-    /// `src` reshaped (head_dim, vocabulary, biases and everything else kept).
+    /// `src` reshaped (head_dim, vocabulary, biases and everything else kept). Gemma 3's layer
+    /// types are the first `layers` of the source's; [`Plan::config`] keeps the kept layers' own.
     pub fn config(&self, src: &Config) -> Config {
         Config {
             num_hidden_layers: self.layers,
@@ -37,6 +38,10 @@ impl Shape {
             num_attention_heads: self.heads,
             num_key_value_heads: self.kv_heads,
             intermediate_size: self.intermediate,
+            gemma3: src.gemma3.clone().map(|g| Gemma3 {
+                sliding_layers: g.sliding_layers.iter().copied().take(self.layers).collect(),
+                ..g
+            }),
             ..src.clone()
         }
     }
@@ -62,6 +67,13 @@ impl Shape {
                     "{name} = {v}: must be between 1 and the source's {max}"
                 ));
             }
+        }
+        if src.arch == Arch::Gemma3 && self.hidden != s.hidden {
+            return bad(format!(
+                "hidden = {}: Gemma 3 scales its embeddings by √hidden, so its hidden width \
+                 ({}) is kept",
+                self.hidden, s.hidden
+            ));
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
@@ -170,9 +182,17 @@ impl Plan {
         Ok(())
     }
 
-    /// The pruned model's config.
+    /// The pruned model's config; each kept layer keeps its attention type (Gemma 3).
     pub fn config(&self, src: &Config) -> Config {
-        self.shape().config(src)
+        let mut cfg = self.shape().config(src);
+        if let (Some(g), Some(src_g)) = (cfg.gemma3.as_mut(), src.gemma3.as_ref()) {
+            g.sliding_layers = self
+                .layers
+                .iter()
+                .map(|&l| src_g.sliding_layers.get(l).copied().unwrap_or(true))
+                .collect();
+        }
+        cfg
     }
 
     /// Slices the source's tensors (HF names, as loaded) into the pruned model's.
@@ -236,6 +256,19 @@ impl Plan {
             // (name, output rows, input columns) of every tensor of a layer.
             for part in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
                 out.insert(to(part), norm_weight(get(&from(part))?)?);
+            }
+            if src.arch == Arch::Gemma3 {
+                // Over hidden channels, which a Gemma cut keeps whole (`Shape::check`).
+                for part in [
+                    "pre_feedforward_layernorm.weight",
+                    "post_feedforward_layernorm.weight",
+                ] {
+                    out.insert(to(part), pick(get(&from(part))?, Some(&hidden), None)?);
+                }
+                // Over one head's channels, which no cut touches.
+                for part in ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] {
+                    out.insert(to(part), get(&from(part))?.clone());
+                }
             }
             let parts: [(&str, Option<&Tensor>, Option<&Tensor>); 12] = [
                 ("self_attn.q_proj.weight", Some(&q), Some(&hidden)),

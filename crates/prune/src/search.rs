@@ -224,7 +224,8 @@ pub fn proposals(src: &Config, target: &Target) -> Result<Vec<Proposal>> {
                 hidden: ((full.hidden * 3 / 4) / step).max(1) * step,
                 ..full
             };
-            if narrow.hidden < full.hidden {
+            // Gemma 3 keeps its hidden width (`Shape::check`).
+            if narrow.hidden < full.hidden && src.arch != distill_core::Arch::Gemma3 {
                 if let Some(w) = fit_intermediate(src, narrow, budget) {
                     out.push(prop(
                         format!(

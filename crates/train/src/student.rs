@@ -63,6 +63,11 @@ pub fn student_config(teacher: &Config, s: &StudentSection) -> Result<Config> {
         num_key_value_heads: kv,
         head_dim: h / nh,
         torch_dtype: "float32".into(),
+        // Gemma 3's layer types follow its own pattern at the student's depth.
+        gemma3: teacher.gemma3.clone().map(|g| distill_core::Gemma3 {
+            sliding_layers: distill_core::Gemma3::default_layers(l),
+            ..g
+        }),
         ..teacher.clone()
     })
 }
