@@ -23,10 +23,19 @@ fn ids(cfg: &Config) -> Tensor {
 
 /// A 4-layer, 4-head / 2-KV-head tiny model with its tensors.
 fn source() -> (Config, CausalLm, HashMap<String, Tensor>) {
-    let cfg = Config {
+    source_of(tiny_config())
+}
+
+/// `base` with 4 layers (Gemma 3: sliding, full, sliding, full), random weights.
+fn source_of(base: Config) -> (Config, CausalLm, HashMap<String, Tensor>) {
+    let mut cfg = Config {
         num_hidden_layers: 4,
-        ..tiny_config()
+        vocab_size: tiny_config().vocab_size,
+        ..base
     };
+    if let Some(g) = cfg.gemma3.as_mut() {
+        g.sliding_layers = vec![true, false, true, false];
+    }
     let (model, varmap) = random_model(&cfg, 3).unwrap();
     (cfg.clone(), model, named_tensors(&varmap))
 }
@@ -60,7 +69,13 @@ fn zero_rows(t: &Tensor, rows: &[usize]) -> Tensor {
 
 #[test]
 fn pruning_nothing_gives_identical_logits() {
-    let (cfg, model, tensors) = source();
+    for base in [tiny_config(), Config::tiny_gemma3()] {
+        pruning_nothing_gives_identical_logits_for(base);
+    }
+}
+
+fn pruning_nothing_gives_identical_logits_for(base: Config) {
+    let (cfg, model, tensors) = source_of(base);
     let plan = Plan::identity(&cfg);
     let cut = plan.apply(&cfg, &tensors).unwrap();
     assert_eq!(plan.config(&cfg), cfg);
@@ -70,7 +85,43 @@ fn pruning_nothing_gives_identical_logits() {
 
 #[test]
 fn removing_inert_heads_and_mlp_channels_gives_identical_logits() {
-    let (cfg, _, mut tensors) = source();
+    // Gemma 3 too: its norm after the attention and after the MLP see the same sums without them.
+    for base in [tiny_config(), Config::tiny_gemma3()] {
+        removing_inert_heads_and_mlp_channels_gives_identical_logits_for(base);
+    }
+}
+
+/// A Gemma 3 cut keeps each kept layer's attention type (sliding or full) and its hidden width
+/// (its embeddings are scaled by √hidden): dropping layers 1 and 2 of (sliding, full, sliding,
+/// full) leaves (sliding, full), and a narrower hidden size is refused by name.
+#[test]
+fn gemma3_cut_keeps_layer_types_and_hidden_width() {
+    let (cfg, _, tensors) = source_of(Config::tiny_gemma3());
+    let mut plan = Plan::identity(&cfg);
+    for list in [&mut plan.kv_heads, &mut plan.heads, &mut plan.mlp] {
+        list.truncate(2);
+    }
+    plan.layers = vec![0, 3];
+    let pcfg = plan.config(&cfg);
+    assert_eq!(
+        pcfg.gemma3.as_ref().unwrap().sliding_layers,
+        vec![true, false]
+    );
+    let cut = plan.apply(&cfg, &tensors).unwrap();
+    assert!(cut.contains_key("model.layers.1.post_feedforward_layernorm.weight"));
+    assert!(cut.contains_key("model.layers.1.self_attn.q_norm.weight"));
+    let logits = logits_of(&pcfg, cut);
+    assert_eq!(logits.dims(), &[2, 24, cfg.vocab_size]);
+    let narrow = Shape {
+        hidden: cfg.hidden_size - 8,
+        ..Shape::of(&cfg)
+    };
+    let err = narrow.check(&cfg).unwrap_err().to_string();
+    assert!(err.contains("Gemma 3"), "{err}");
+}
+
+fn removing_inert_heads_and_mlp_channels_gives_identical_logits_for(base: Config) {
+    let (cfg, _, mut tensors) = source_of(base);
     let d = cfg.head_dim;
     // Query heads 1 and 3 (one in each KV group of two) write nothing: their o_proj columns are
     // zero. MLP channels 5 and 40 write nothing: their down_proj columns are zero.

