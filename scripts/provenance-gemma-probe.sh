@@ -44,14 +44,7 @@ if [ "$(cat "$Z/answers.stamp" 2>/dev/null)" != "$stamp" ]; then
 fi
 
 # The held-out prose prompts, as scripts/provenance-zoo.sh makes them.
-python3 - "$ALICE" "$Z" <<'EOF'
-import json, re, sys
-text = open(sys.argv[1]).read()
-paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-prompts = [" ".join(p.split()[:12]) for p in paras if len(p.split()) >= 12]
-with open(f"{sys.argv[2]}/prose-test.jsonl", "w") as f:
-    f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[150:])
-EOF
+python3 scripts/prose_prompts.py "$ALICE" "$Z"
 
 if [ ! -e "$Z/models/ref-4l-s9/final/config.json" ]; then
   log "training ref-4l-s9 (cross-entropy only, 40 steps × 4 × 256, the zoo's reference recipe)"

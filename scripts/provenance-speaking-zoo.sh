@@ -61,14 +61,7 @@ if [ ! -e "$GTOKENS/meta.json" ]; then
 fi
 
 # --- the held-out prose prompts (scripts/provenance-zoo.sh's test split) -------------------------
-python3 - "$ALICE" "$Z" <<'EOF'
-import json, re, sys
-text = open(sys.argv[1]).read()
-paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-prompts = [" ".join(p.split()[:12]) for p in paras if len(p.split()) >= 12]
-with open(f"{sys.argv[2]}/prose-test.jsonl", "w") as f:
-    f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts[150:])
-EOF
+python3 scripts/prose_prompts.py "$ALICE" "$Z"
 
 # --- cuts and heals --------------------------------------------------------------------------------
 cut() { # NAME SOURCE TOKENS SHAPE-ARGS...

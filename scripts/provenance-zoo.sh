@@ -49,15 +49,7 @@ sed -n '201,350p' "$PROMPTS" >"$Z/prompts-dev.jsonl"
 sed -n '351,$p' "$PROMPTS" >"$Z/prompts-test.jsonl"
 # Plain-text prompts for the completions endpoint: the first 12 words of each paragraph of a book
 # no zoo model trained on (Alice; 614 paragraphs): the first 150 dev, the rest test.
-python3 - "$ALICE" "$Z" <<'EOF'
-import json, re, sys
-text = open(sys.argv[1]).read()
-paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-prompts = [" ".join(p.split()[:12]) for p in paras if len(p.split()) >= 12]
-for name, part in [("dev", prompts[:150]), ("test", prompts[150:])]:
-    with open(f"{sys.argv[2]}/prose-{name}.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in part)
-EOF
+python3 scripts/prose_prompts.py "$ALICE" "$Z"
 
 # --- the teacher's targets for the KD students -----------------------------------------------
 if [ ! -e "$Z/cache/manifest.json" ]; then
