@@ -103,8 +103,6 @@ pub struct HfConfig {
     pub query_pre_attn_scalar: Option<f64>,
     pub layer_types: Option<Vec<String>>,
     pub sliding_window_pattern: Option<usize>,
-    #[serde(rename = "_sliding_window_pattern")]
-    pub sliding_window_pattern_private: Option<usize>,
     pub rope_local_base_freq: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
     pub attn_logit_softcapping: Option<f64>,
@@ -256,9 +254,12 @@ impl HfConfig {
                 self.num_attention_heads
             ));
         }
-        let head_dim = self
-            .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        // Gemma 3's own defaults where its config leaves a key out (transformers' Gemma3TextConfig).
+        let head_dim = self.head_dim.unwrap_or(if gemma {
+            256
+        } else {
+            self.hidden_size / self.num_attention_heads
+        });
         if !head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {head_dim} must be even for rotary embeddings"
@@ -289,7 +290,7 @@ impl HfConfig {
         let rope_theta = self
             .rope_theta
             .or_else(|| rope.as_ref().and_then(|r| r.rope_theta))
-            .unwrap_or(10_000.0);
+            .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 });
         let max_pos = self.max_position_embeddings.unwrap_or(2048);
         let rope_scaling = match rope {
             None => None,
@@ -334,11 +335,7 @@ impl HfConfig {
                     })
                     .collect::<std::result::Result<Vec<_>, _>>()?,
                 None => {
-                    let pattern = self
-                        .sliding_window_pattern
-                        .or(self.sliding_window_pattern_private)
-                        .unwrap_or(6)
-                        .max(1);
+                    let pattern = self.sliding_window_pattern.unwrap_or(6).max(1);
                     (0..self.num_hidden_layers)
                         .map(|i| (i + 1) % pattern != 0)
                         .collect()
@@ -379,8 +376,9 @@ impl HfConfig {
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            // transformers' default is untied for all three architectures.
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            // transformers' default: untied for Llama, Mistral and Qwen2, tied for Gemma 3 (whose
+            // configs saved by transformers 4.x leave the key out).
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias: matches!(arch, Arch::Qwen2) || attention_bias,
             o_bias: matches!(arch, Arch::Llama) && attention_bias,
             mlp_bias: matches!(arch, Arch::Llama) && self.mlp_bias.unwrap_or(false),
@@ -743,6 +741,7 @@ mod tests {
             obj.remove(k);
         }
         obj.insert("rope_theta".into(), 1_000_000.0.into());
+        obj.remove("tie_word_embeddings"); // 4.x leaves Gemma's default (tied) out
         obj.insert("rope_local_base_freq".into(), 10_000.0.into());
         let cfg4 = HfConfig::from_json(&v4.to_string())
             .unwrap()

@@ -266,11 +266,12 @@ pub fn proposals(src: &Config, target: &Target) -> Result<Vec<Proposal>> {
                     ..full
                 };
                 let rep = src.kv_groups();
-                if rep > 1 {
-                    let fewer = Shape {
-                        heads: full.kv_heads * (rep - 1),
-                        ..base
-                    };
+                let fewer = Shape {
+                    heads: full.kv_heads * (rep.max(2) - 1),
+                    ..base
+                };
+                // transformers 5 refuses a config whose hidden size the heads do not divide.
+                if rep > 1 && full.hidden.is_multiple_of(fewer.heads) {
                     if let Some(m) = fit_intermediate(src, fewer, budget) {
                         out.push(prop(
                             format!(

@@ -61,7 +61,13 @@ pub fn student_config(teacher: &Config, s: &StudentSection) -> Result<Config> {
         num_hidden_layers: l,
         num_attention_heads: nh,
         num_key_value_heads: kv,
-        head_dim: h / nh,
+        // The teacher's own head_dim where the attention keeps its shape (Gemma's is not
+        // hidden / heads).
+        head_dim: if (h, nh) == (teacher.hidden_size, teacher.num_attention_heads) {
+            teacher.head_dim
+        } else {
+            h / nh
+        },
         torch_dtype: "float32".into(),
         // Gemma 3's layer types follow its own pattern at the student's depth.
         gemma3: teacher.gemma3.clone().map(|g| distill_core::Gemma3 {
