@@ -106,18 +106,7 @@ REFS=(ref-g-l12-i1536-s9 ref-g-i1024-s9)
 heal ref-g-l12-i1536-s9 g-l12-i1536 9 ce
 heal ref-g-i1024-s9 g-i1024 9 ce
 
-serve() { # NAME DIR PORT
-  "$BIN" serve --model "$2" --addr "127.0.0.1:$3" --model-name "$1" >"$Z/serve-$1.log" 2>&1 &
-  echo $! >>"$Z/servers.pid"
-  for _ in $(seq 1 180); do
-    curl -sf "http://127.0.0.1:$3/health" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "provenance-speaking-zoo: the server for $1 did not come up (see $Z/serve-$1.log)" >&2; exit 1
-}
-stop_servers() { [ -e "$Z/servers.pid" ] && xargs -r kill <"$Z/servers.pid" 2>/dev/null; rm -f "$Z/servers.pid"; }
-trap stop_servers EXIT
-stop_servers
+source scripts/serve-lib.sh
 serve teacher "$T" "$PORT0"
 
 # --- API distillation into another family: the served teacher's text → a Gemma cut -----------------

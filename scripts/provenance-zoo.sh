@@ -87,18 +87,7 @@ train ce-4l-s3 4l 3 ce; train ce-2l-s3 2l 3 ce
 train ref-4l-s9 4l 9 ce; train ref-2l-s9 2l 9 ce
 
 # --- black-box distillation: the served teacher's answers ------------------------------------
-serve() { # NAME DIR PORT
-  "$BIN" serve --model "$2" --addr "127.0.0.1:$3" --model-name "$1" >"$Z/serve-$1.log" 2>&1 &
-  echo $! >>"$Z/servers.pid"
-  for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$3/health" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "provenance-zoo: the server for $1 did not come up (see $Z/serve-$1.log)" >&2; exit 1
-}
-stop_servers() { [ -e "$Z/servers.pid" ] && xargs -r kill <"$Z/servers.pid" 2>/dev/null; rm -f "$Z/servers.pid"; }
-trap stop_servers EXIT
-stop_servers
+source scripts/serve-lib.sh
 serve teacher "$T" "$PORT0"
 if [ ! -e "$Z/api/prepared/tokens/meta.json" ]; then
   log "collecting the served teacher's answers (200 prompts, top-5 logprobs)"

@@ -473,6 +473,15 @@ impl Config {
         }
     }
 
+    /// What RMSNorm adds to its stored weight: 1 for Gemma (weights centred on 0), else 0.
+    pub fn norm_offset(&self) -> f64 {
+        if self.arch == Arch::Gemma3 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
     /// Number of query heads sharing one key/value head.
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

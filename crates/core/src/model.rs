@@ -299,8 +299,8 @@ impl Attention {
             o_proj: Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * d, h, cfg.o_bias)?,
             qk_norm: match cfg.arch {
                 Arch::Gemma3 => Some((
-                    RmsNorm::load(vb.pp("q_norm"), d, cfg.rms_norm_eps, 1.0)?,
-                    RmsNorm::load(vb.pp("k_norm"), d, cfg.rms_norm_eps, 1.0)?,
+                    RmsNorm::load(vb.pp("q_norm"), d, cfg.rms_norm_eps, cfg.norm_offset())?,
+                    RmsNorm::load(vb.pp("k_norm"), d, cfg.rms_norm_eps, cfg.norm_offset())?,
                 )),
                 _ => None,
             },
@@ -443,13 +443,14 @@ struct Block {
 impl Block {
     fn load(vb: VarBuilder, cfg: &Config, i: usize) -> Result<Self> {
         let norm = |name: &str| {
-            let offset = if cfg.arch == Arch::Gemma3 { 1.0 } else { 0.0 };
-            RmsNorm::load(vb.pp(name), cfg.hidden_size, cfg.rms_norm_eps, offset)
+            RmsNorm::load(
+                vb.pp(name),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                cfg.norm_offset(),
+            )
         };
-        let local = cfg
-            .gemma3
-            .as_ref()
-            .is_some_and(|g| g.sliding_layers.get(i).copied().unwrap_or(false));
+        let window = cfg.layer_window(i);
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
@@ -462,8 +463,9 @@ impl Block {
                 _ => None,
             },
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
-            local,
-            window: cfg.layer_window(i),
+            // Gemma 3's windowed layers are its "local" ones, with their own rotary base.
+            local: cfg.gemma3.is_some() && window.is_some(),
+            window,
         })
     }
 
@@ -572,12 +574,11 @@ impl CausalLm {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let offset = if cfg.arch == Arch::Gemma3 { 1.0 } else { 0.0 };
         let norm = RmsNorm::load(
             vb.pp("model.norm"),
             cfg.hidden_size,
             cfg.rms_norm_eps,
-            offset,
+            cfg.norm_offset(),
         )?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear {
