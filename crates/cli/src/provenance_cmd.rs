@@ -10,7 +10,7 @@ use distill_core::shards::TokenShards;
 use distill_core::{parse_device, ModelDir};
 use distill_eval::provenance::{
     black_box_similarities, markdown, test, white_box_similarities, write_report, Answers,
-    TestOptions,
+    BlackBoxOptions, TestOptions,
 };
 use distill_teacher::generate::{generate, SamplingParams};
 use std::io::IsTerminal;
@@ -50,6 +50,14 @@ pub struct ProvenanceArgs {
     /// Black-box: top logprobs asked of endpoints (0 = none; at most 20, 5 with --completions).
     #[arg(long, default_value_t = 5)]
     top_logprobs: usize,
+    /// Black-box: the weight of the top-logprob overlap in the similarity of two answers, when
+    /// every model's API returned top logprobs (the text agreement gets the rest).
+    #[arg(long, default_value_t = BlackBoxOptions::default().top_weight)]
+    top_weight: f64,
+    /// Black-box: generated positions whose top logprobs are compared (the first, then the next
+    /// ones while the two answers agree).
+    #[arg(long, default_value_t = BlackBoxOptions::default().top_positions)]
+    top_positions: usize,
     /// The environment variable holding the endpoints' API key.
     #[arg(long, default_value = "DISTILL_API_KEY")]
     api_key_env: String,
@@ -116,6 +124,12 @@ fn slug(s: &str) -> String {
 
 pub fn run(a: ProvenanceArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
+    if !(0.0..=1.0).contains(&a.top_weight) {
+        bail!("--top-weight {}: expected a weight in [0, 1]", a.top_weight);
+    }
+    if a.top_positions == 0 && a.top_weight > 0.0 {
+        bail!("--top-positions 0: compare at least the first generated position, or give --top-weight 0");
+    }
     let mut specs: Vec<String> = a.teacher.clone();
     specs.extend(a.suspect.iter().cloned());
     specs.extend(a.reference.iter().cloned());
@@ -162,7 +176,14 @@ pub fn run(a: ProvenanceArgs) -> Result<()> {
                 answers.push(answers_of(src, label, prompts, &a, &device)?);
             }
             (
-                black_box_similarities(&answers, a.max_new_tokens)?,
+                black_box_similarities(
+                    &answers,
+                    BlackBoxOptions {
+                        words: a.max_new_tokens,
+                        top_weight: a.top_weight,
+                        top_positions: a.top_positions,
+                    },
+                )?,
                 "black-box",
             )
         }

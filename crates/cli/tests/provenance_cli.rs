@@ -167,4 +167,21 @@ fn bad_input_is_one_line_naming_the_problem() {
     assert!(e.contains("127.0.0.1:9"), "{e}");
     let e = one_line_error(&provenance(&z, down, &["r1"], &t));
     assert!(e.contains("endpoint") && e.contains("--prompts"), "{e}");
+
+    // Signal weights out of range.
+    let p = ["--prompts", prompts.as_str()];
+    let e = one_line_error(&provenance(
+        &z,
+        "copy",
+        &["r1"],
+        &[&p[..], &["--top-weight", "1.5"][..]].concat(),
+    ));
+    assert!(e.contains("--top-weight 1.5"), "{e}");
+    let e = one_line_error(&provenance(
+        &z,
+        "copy",
+        &["r1"],
+        &[&p[..], &["--top-positions", "0"][..]].concat(),
+    ));
+    assert!(e.contains("--top-positions 0"), "{e}");
 }

@@ -11,21 +11,31 @@
 //! `top_logprobs`, the overlap of the two truncated next-token distributions, `Σ min(p, q)` over
 //! the tokens both list, is averaged over the generated positions whose contexts are the same
 //! (the first, whose context is the prompt, and each following one while the two answers still
-//! agree), and averaged in with equal weight.
+//! agree), and weighed in with the text agreement (`BlackBoxOptions::top_weight`; the default
+//! chosen on held-out tuning prompts, see BENCHMARKS.md).
 //!
 //! **Statistic.** Agreement with the teacher alone proves nothing: models trained on the same
 //! text, or of one family, agree too. So the suspect is compared with independent *reference*
-//! models, per prompt, twice for each reference R:
-//! 1. `sim(S, T) − sim(R, T)`: the teacher agrees more with the suspect than with R;
-//! 2. `sim(S, T) − sim(S, R)`: the suspect agrees more with the teacher than with R (a model that
-//!    merely shares R's data is as close to R as to T).
+//! models, per prompt. The null hypothesis is that the suspect is one more reference: a model
+//! made like them, without the teacher. Two questions, each a paired difference that the swap of
+//! the suspect with a reference negates (so that under the null it is symmetric about 0):
+//! 1. for each reference R, `sim(S, T) − sim(R, T)`: the teacher agrees more with the suspect
+//!    than with R;
+//! 2. for each ordered pair of references (R, O), `[sim(S, T) − sim(S, R)] − [sim(O, T) −
+//!    sim(O, R)]`: the suspect leans from R towards the teacher more than the reference O does.
+//!    This rejects a suspect that merely agrees with every model more (a stronger model, or one
+//!    trained on more of the shared text): it is closer to R as much as to T. It also keeps a
+//!    suspect of the references' own family (a model of that family trained on the teacher's
+//!    answers) from being excused by its family likeness, which O shares. With one reference
+//!    there is no O, and the stricter `sim(S, T) − sim(S, R)` (the suspect agrees more with the
+//!    teacher than with R) is asked instead.
 //!
 //! Each is a one-sided paired sign-flip permutation test on the mean difference over prompts
-//! (exact under the null that the two similarities are exchangeable per prompt). The suspect is
-//! called derived from T only if every comparison rejects: the p-value is the largest of them (an
-//! intersection–union test, valid at level α without correction). With several candidate
-//! teachers the p-values are Holm-adjusted across teachers. The effect size is the binding
-//! comparison's standardised mean difference (mean / sd of the per-prompt differences).
+//! (exact under the null that the suspect and the reference are exchangeable per prompt). The
+//! suspect is called derived from T only if every comparison rejects: the p-value is the largest
+//! of them (an intersection–union test, valid at level α without correction). With several
+//! candidate teachers the p-values are Holm-adjusted across teachers. The effect size is the
+//! binding comparison's standardised mean difference (mean / sd of the per-prompt differences).
 
 use crate::logits_rows;
 use candle_core::Tensor;
@@ -135,8 +145,31 @@ impl Similarities {
     }
 }
 
+/// How two black-box answers are compared.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlackBoxOptions {
+    /// Words of the greedy answers compared.
+    pub words: usize,
+    /// The weight of the top-logprob overlap when every model's API returned top logprobs; the
+    /// text agreement gets `1 − top_weight` (all of it without top logprobs).
+    pub top_weight: f64,
+    /// Generated positions whose top logprobs are compared (the first, whose context is the
+    /// prompt, and the next ones while the two answers agree).
+    pub top_positions: usize,
+}
+
+impl Default for BlackBoxOptions {
+    fn default() -> Self {
+        Self {
+            words: 16,
+            top_weight: 0.5,
+            top_positions: 16,
+        }
+    }
+}
+
 /// Black-box similarities of `answers` (one per model, the same prompts in the same order).
-pub fn black_box_similarities(answers: &[Answers], words: usize) -> Result<Similarities> {
+pub fn black_box_similarities(answers: &[Answers], opts: BlackBoxOptions) -> Result<Similarities> {
     let n = answers.first().map_or(0, |a| a.texts.len());
     if let Some(a) = answers.iter().find(|a| a.texts.len() != n) {
         return Err(Error::Msg(format!(
@@ -146,14 +179,32 @@ pub fn black_box_similarities(answers: &[Answers], words: usize) -> Result<Simil
             answers[0].name
         )));
     }
+    if !(0.0..=1.0).contains(&opts.top_weight) {
+        return Err(Error::Msg(format!(
+            "top-logprob weight {}: expected a weight in [0, 1]",
+            opts.top_weight
+        )));
+    }
     let with_top = answers.iter().all(|a| a.top.is_some());
-    let mut signals = vec![format!("greedy answers (first {words} words)")];
-    if with_top {
-        signals.push(
-            "top_logprobs (overlap of the listed next-token distributions where the contexts \
-             agree)"
-                .into(),
-        );
+    // The weight the text gets: all of it when some API returned no top logprobs.
+    let w_top = if with_top { opts.top_weight } else { 0.0 };
+    let mut signals = Vec::new();
+    if w_top < 1.0 {
+        signals.push(format!(
+            "greedy answers (first {} words; weight {:.2})",
+            opts.words,
+            1.0 - w_top
+        ));
+    }
+    if with_top && w_top > 0.0 {
+        signals.push(format!(
+            "top_logprobs (overlap of the listed next-token distributions at the first {} \
+             generated position(s) while the contexts agree; weight {w_top:.2})",
+            opts.top_positions
+        ));
+    }
+    if !with_top {
+        signals.push("no top_logprobs from every model: text only".into());
     }
     let names = answers.iter().map(|a| a.name.clone()).collect();
     let mut sims = Similarities::new(names, n, signals);
@@ -162,10 +213,15 @@ pub fn black_box_similarities(answers: &[Answers], words: usize) -> Result<Simil
             let (a, b) = (&answers[i], &answers[j]);
             let v = (0..n)
                 .map(|p| {
-                    let t = text_similarity(&a.texts[p], &b.texts[p], words);
+                    let t = if w_top < 1.0 {
+                        text_similarity(&a.texts[p], &b.texts[p], opts.words)
+                    } else {
+                        0.0
+                    };
                     match (&a.top, &b.top) {
-                        (Some(ta), Some(tb)) if with_top => {
-                            0.5 * t + 0.5 * top_similarity(&ta[p], &tb[p], words)
+                        (Some(ta), Some(tb)) if w_top > 0.0 => {
+                            (1.0 - w_top) * t
+                                + w_top * top_similarity(&ta[p], &tb[p], opts.top_positions)
                         }
                         _ => t,
                     }
@@ -289,8 +345,9 @@ pub fn holm(p: &[f64]) -> Vec<f64> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     pub reference: String,
-    /// `teacher-closer-to-suspect` (sim(S,T) − sim(R,T)) or `suspect-closer-to-teacher`
-    /// (sim(S,T) − sim(S,R)).
+    /// `teacher-closer-to-suspect` (sim(S,T) − sim(R,T)); `suspect-leans-to-teacher`
+    /// ([sim(S,T) − sim(S,R)] − [sim(O,T) − sim(O,R)], the reference named "R (against O)"); or,
+    /// with a single reference, `suspect-closer-to-teacher` (sim(S,T) − sim(S,R)).
     pub question: String,
     pub mean_difference: f64,
     pub effect_size: f64,
@@ -409,33 +466,52 @@ pub fn test(
         distributions.push((format!("{} – {}", name(suspect), name(t)), st.clone()));
         let mut comparisons = Vec::new();
         let mut reference_similarity = Vec::new();
-        for (ri, &r) in references.iter().enumerate() {
+        let mut k = 0u64;
+        let mut compare = |reference: String, question: &str, d: Vec<f64>| {
+            let (mean, sd) = mean_sd(&d);
+            k += 1;
+            Comparison {
+                reference,
+                question: question.into(),
+                mean_difference: mean,
+                // Every prompt the same difference: an unbounded effect (0 when none).
+                effect_size: match (sd > 0.0, mean == 0.0) {
+                    (true, _) => mean / sd,
+                    (false, true) => 0.0,
+                    (false, false) => mean.signum() * f64::INFINITY,
+                },
+                p_value: sign_flip_p(&d, opts.permutations, opts.seed ^ (ti as u64 * 1000 + k)),
+            }
+        };
+        let minus =
+            |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
+        for &r in references {
             let rt = sims.get(r, t);
-            let sr = sims.get(suspect, r);
             reference_similarity.push((name(r), sims.mean(r, t)));
             distributions.push((format!("{} – {}", name(r), name(t)), rt.clone()));
-            for (qi, (q, other)) in [
-                ("teacher-closer-to-suspect", &rt),
-                ("suspect-closer-to-teacher", &sr),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let d: Vec<f64> = st.iter().zip(other.iter()).map(|(a, b)| a - b).collect();
-                let (mean, sd) = mean_sd(&d);
-                let seed = opts.seed ^ ((ti * 1000 + ri * 2 + qi) as u64 + 1);
-                comparisons.push(Comparison {
-                    reference: name(r),
-                    question: q.into(),
-                    mean_difference: mean,
-                    // Every prompt the same difference: an unbounded effect (0 when none).
-                    effect_size: match (sd > 0.0, mean == 0.0) {
-                        (true, _) => mean / sd,
-                        (false, true) => 0.0,
-                        (false, false) => mean.signum() * f64::INFINITY,
-                    },
-                    p_value: sign_flip_p(&d, opts.permutations, seed),
-                });
+            comparisons.push(compare(
+                name(r),
+                "teacher-closer-to-suspect",
+                minus(&st, &rt),
+            ));
+        }
+        if let [r] = references {
+            let sr = sims.get(suspect, *r);
+            comparisons.push(compare(
+                name(*r),
+                "suspect-closer-to-teacher",
+                minus(&st, &sr),
+            ));
+        }
+        for &r in references.iter().filter(|_| references.len() > 1) {
+            let lean = minus(&st, &sims.get(suspect, r));
+            for &o in references.iter().filter(|&&o| o != r) {
+                let other = minus(&sims.get(o, t), &sims.get(o, r));
+                comparisons.push(compare(
+                    format!("{} (against {})", name(r), name(o)),
+                    "suspect-leans-to-teacher",
+                    minus(&lean, &other),
+                ));
             }
         }
         let binding = comparisons
@@ -526,8 +602,9 @@ pub fn markdown(r: &ProvenanceReport) -> String {
         }
     }
     s.push_str(
-        "\n\"Derived\" means: on these prompts the suspect agrees with the teacher more than every \
-         reference does, and more than it agrees with any reference, beyond chance at level α. It \
+        "\n\"Derived\" means: on these prompts the teacher agrees with the suspect more than with \
+         every reference, and the suspect leans towards the teacher (away from each reference) \
+         more than the other references do, beyond chance at level α. It \
          does not say how (distillation, fine-tuning from its weights, or training on its \
          outputs), and \"not shown\" is not proof of independence: a student fine-tuned \
          elsewhere after distillation, collection through paraphrased prompts, or references \
@@ -624,32 +701,65 @@ mod tests {
         assert!(sign_flip_p(&d, 999, 1) > 0.3);
     }
 
-    /// A synthetic world: per prompt a "common" answer that every model trained on the same text
-    /// tends to give (shared data), and each model's own words otherwise. A derived model copies
-    /// the teacher's answer word by word with probability `copy`.
-    fn world(rng: &mut rand_chacha::ChaCha8Rng, refs: usize, copy: f64, n: usize) -> Vec<Answers> {
+    fn words(words: usize) -> BlackBoxOptions {
+        BlackBoxOptions {
+            words,
+            ..Default::default()
+        }
+    }
+
+    /// How one model of a synthetic world answers, word by word: the teacher's word with
+    /// probability `copy` (a derived model), else its family's with probability `family` (a
+    /// shared base model), else the common word every model trained on the same text tends to
+    /// give with probability `common`, else a word of its own.
+    #[derive(Clone, Copy)]
+    struct Kind {
+        copy: f64,
+        family: f64,
+        common: f64,
+    }
+
+    const PLAIN: Kind = Kind {
+        copy: 0.0,
+        family: 0.0,
+        common: 0.5,
+    };
+
+    /// A synthetic world of `n` prompts of 10 words: model 0 is the teacher (plain), model 1 the
+    /// suspect, then the references.
+    fn world_of(
+        rng: &mut rand_chacha::ChaCha8Rng,
+        suspect: Kind,
+        refs: &[Kind],
+        n: usize,
+    ) -> Vec<Answers> {
         let words = 10;
-        let common: Vec<Vec<u32>> = (0..n)
-            .map(|_| (0..words).map(|_| rng.random_range(0..40)).collect())
-            .collect();
-        let answer = |rng: &mut rand_chacha::ChaCha8Rng, base: Option<&Vec<Vec<u32>>>| {
+        let draw = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<Vec<u32>> {
             (0..n)
-                .map(|p| {
-                    (0..words)
-                        .map(|w| match base {
-                            Some(b) if rng.random::<f64>() < copy => b[p][w],
-                            _ if rng.random::<f64>() < 0.5 => common[p][w],
-                            _ => rng.random_range(0..40),
-                        })
-                        .collect::<Vec<u32>>()
-                })
-                .collect::<Vec<_>>()
+                .map(|_| (0..words).map(|_| rng.random_range(0..40)).collect())
+                .collect()
         };
-        let teacher = answer(rng, None);
-        let suspect = answer(rng, Some(&teacher));
+        let (common, family) = (draw(rng), draw(rng));
+        let answer =
+            |rng: &mut rand_chacha::ChaCha8Rng, k: Kind, teacher: Option<&Vec<Vec<u32>>>| {
+                (0..n)
+                    .map(|p| {
+                        (0..words)
+                            .map(|w| match teacher {
+                                Some(t) if rng.random::<f64>() < k.copy => t[p][w],
+                                _ if rng.random::<f64>() < k.family => family[p][w],
+                                _ if rng.random::<f64>() < k.common => common[p][w],
+                                _ => rng.random_range(0..40),
+                            })
+                            .collect::<Vec<u32>>()
+                    })
+                    .collect::<Vec<_>>()
+            };
+        let teacher = answer(rng, PLAIN, None);
+        let suspect = answer(rng, suspect, Some(&teacher));
         let mut out = vec![teacher, suspect];
-        for _ in 0..refs {
-            out.push(answer(rng, None));
+        for &k in refs {
+            out.push(answer(rng, k, None));
         }
         out.into_iter()
             .enumerate()
@@ -669,6 +779,70 @@ mod tests {
             .collect()
     }
 
+    /// Plain models: a derived one copies the teacher's words with probability `copy`.
+    fn world(rng: &mut rand_chacha::ChaCha8Rng, refs: usize, copy: f64, n: usize) -> Vec<Answers> {
+        world_of(rng, Kind { copy, ..PLAIN }, &vec![PLAIN; refs], n)
+    }
+
+    /// The share of `trials` worlds in which the suspect is called derived from model 0 against
+    /// the references (models 2…).
+    fn called_derived(
+        trials: usize,
+        opts: TestOptions,
+        mut make: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> Vec<Answers>,
+    ) -> f64 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut hits = 0;
+        for _ in 0..trials {
+            let a = make(&mut rng);
+            let refs: Vec<usize> = (2..a.len()).collect();
+            let sims = black_box_similarities(&a, words(10)).unwrap();
+            hits += test(&sims, &[0], 1, &refs, "black-box", opts)
+                .unwrap()
+                .teachers[0]
+                .derived as usize;
+        }
+        hits as f64 / trials as f64
+    }
+
+    #[test]
+    fn a_suspect_of_the_references_family_is_judged_by_its_lean_not_its_likeness() {
+        let opts = TestOptions {
+            alpha: 0.05,
+            permutations: 499,
+            seed: 5,
+        };
+        let fam = Kind {
+            family: 0.5,
+            ..PLAIN
+        };
+        let refs = [fam, fam];
+        // The references' family, trained on the teacher's answers (API distillation into
+        // another family): closer to its own family than to the teacher, and still derived.
+        let copier = Kind { copy: 0.3, ..fam };
+        let found = called_derived(100, opts, |rng| world_of(rng, copier, &refs, 60));
+        assert!(found > 0.9, "found {found}");
+        // One more model of that family, without the teacher: the null.
+        let fpr = called_derived(200, opts, |rng| world_of(rng, fam, &refs, 60));
+        assert!(fpr <= opts.alpha, "false-positive rate {fpr}");
+        // A model that agrees with everyone more (more of the shared text): the teacher agrees
+        // more with it than with the references, but it leans to no one.
+        let agreeable = Kind {
+            common: 0.8,
+            ..PLAIN
+        };
+        let agreeable_fpr = called_derived(200, opts, |rng| {
+            world_of(rng, agreeable, &[PLAIN, PLAIN], 60)
+        });
+        eprintln!(
+            "family copier found {found}; family null {fpr}; agreeable {agreeable_fpr} called derived"
+        );
+        assert!(
+            agreeable_fpr <= opts.alpha,
+            "agreeable model called derived in {agreeable_fpr}"
+        );
+    }
+
     #[test]
     fn under_the_null_the_false_positive_rate_is_at_most_alpha_and_a_copy_is_found() {
         let opts = TestOptions {
@@ -682,12 +856,12 @@ mod tests {
             // Null: the "suspect" is one more independent model (copy = 0), as references are
             // to each other.
             let a = world(&mut rng, 2, 0.0, 60);
-            let sims = black_box_similarities(&a, 10).unwrap();
+            let sims = black_box_similarities(&a, words(10)).unwrap();
             let r = test(&sims, &[0], 1, &[2, 3], "black-box", opts).unwrap();
             false_pos += r.teachers[0].derived as usize;
             // A student that copies 30% of the teacher's words.
             let a = world(&mut rng, 2, 0.3, 60);
-            let sims = black_box_similarities(&a, 10).unwrap();
+            let sims = black_box_similarities(&a, words(10)).unwrap();
             found += test(&sims, &[0], 1, &[2, 3], "black-box", opts)
                 .unwrap()
                 .teachers[0]
@@ -712,7 +886,7 @@ mod tests {
     fn no_references_or_too_few_prompts_are_refused() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let a = world(&mut rng, 1, 0.5, 30);
-        let sims = black_box_similarities(&a, 10).unwrap();
+        let sims = black_box_similarities(&a, words(10)).unwrap();
         let err = test(&sims, &[0], 1, &[], "black-box", TestOptions::default()).unwrap_err();
         assert!(err.to_string().contains("no --reference"), "{err}");
         let few = black_box_similarities(
@@ -722,7 +896,7 @@ mod tests {
                     ..x.clone()
                 })
                 .collect::<Vec<_>>(),
-            10,
+            words(10),
         )
         .unwrap();
         let err = test(&few, &[0], 1, &[2], "black-box", TestOptions::default()).unwrap_err();
