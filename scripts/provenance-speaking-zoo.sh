@@ -86,7 +86,9 @@ heal() { # NAME CUT SEED KIND(kd|ce) [GEMMA-TOKENS]
                --set loss.alpha_ce=1.0) ;;
   esac
   log "healing $name ($kind, seed $seed)"
-  rm -rf "$Z/models/$name" "$Z/answers/$name"
+  # A new model makes every answer of it, and every table it is in, stale.
+  rm -rf "$Z/models/$name" "$Z/answers/$name" "$Z/answers-dev/$name"
+  rm -f "$Z"/dev-*.json "$Z"/test-*.json
   "$BIN" train --config configs/smollm2-pruned.toml --out "$Z/models/$name" --max-steps "$STEPS" \
     "${sets[@]}" >"$Z/models/$name.log" 2>&1 || { cat "$Z/models/$name.log" >&2; exit 1; }
 }
@@ -162,10 +164,12 @@ ask() { # OUT-NAME PROMPTS N ANSWERS-DIR TOP-WEIGHT TOP-POSITIONS SUSPECT-URL...
   "$BIN" provenance --teacher "http://127.0.0.1:$PORT0/v1#teacher" --suspect "$@" \
     --reference "${REF[@]}" --prompts "$prompts" --max-prompts "$n" --completions --top-logprobs 5 \
     --top-weight "$w" --top-positions "$k" --answers-dir "$answers" --out "$Z/$name" --json \
-    >"$Z/$name.json" 2>"$Z/$name.log" || { cat "$Z/$name.log" >&2; exit 1; }
+    >"$Z/$name.json.tmp" 2>"$Z/$name.log" || { cat "$Z/$name.log" >&2; exit 1; }
+  mv "$Z/$name.json.tmp" "$Z/$name.json"
 }
 # Tuning, on the dev prompts only and the seed-1 models only (the seed-2 ones are first seen by the
-# test): how the text and top-logprob signals are weighed. Each variant (top-weight, top-positions)
+# test; the API student has no seed 2, so it is in both): how the text and top-logprob signals are
+# weighed. Each variant (top-weight, top-positions)
 # is scored by the derived models found with no independent one called derived; ties go to the
 # smaller geometric mean of the derived models' p-values.
 DEV=(); DEV_SUS=()
@@ -203,16 +207,16 @@ log "chosen on the dev prompts: top-weight, top-positions = $CHOICE"
 set -- $CHOICE
 for n in 25 50 100 200 "$MAX_PROMPTS"; do
   [ "$n" -gt "$MAX_PROMPTS" ] && continue
-  ask "black-box-$n" "$Z/prose-test.jsonl" "$n" "$Z/answers" "$1" "$2" "${SUS[@]}"
+  ask "test-w$1-k$2-$n" "$Z/prose-test.jsonl" "$n" "$Z/answers" "$1" "$2" "${SUS[@]}"
 done
 stop_servers
 
 # --- the table: p-values, precision and recall against the number of prompts ----------------------
-python3 - "$Z" "$MAX_PROMPTS" "${DERIVED[*]}" "${INDEPENDENT[*]}" <<'EOF'
+python3 - "$Z" "$MAX_PROMPTS" "${DERIVED[*]}" "${INDEPENDENT[*]}" "test-w$1-k$2" <<'EOF'
 import json, os, sys
-z, maxp, derived, independent = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
+z, maxp, derived, independent, stem = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(), sys.argv[5]
 def load(n):
-    reps = json.load(open(f"{z}/black-box-{n}.json"))
+    reps = json.load(open(f"{z}/{stem}-{n}.json"))
     return {m: r["teachers"][0] for m, r in zip(derived + independent, reps)}
 def score(res):
     tp = sum(res[m]["derived"] for m in derived)
@@ -220,7 +224,7 @@ def score(res):
     return tp, fp, (tp / (tp + fp) if tp + fp else float("nan")), tp / len(derived)
 res = load(maxp)
 out = ["# Provenance zoo, models that speak\n", open(f"{z}/dev.md").read(),
-       f"## The test prompts (signals as chosen on dev)\n",
+       f"## The test prompts (signals as chosen on dev: {stem})\n",
        f"| model | truth | p (Holm), {maxp} prompts | verdict |", "|---|---|---:|---|"]
 for m in derived + independent:
     r = res[m]
@@ -230,7 +234,7 @@ out += ["", "| prompts | derived found | independent called derived | precision 
         "|---:|---:|---:|---:|---:|"]
 curve = []
 for n in sorted({25, 50, 100, 200, maxp}):
-    if n <= maxp and os.path.exists(f"{z}/black-box-{n}.json"):
+    if n <= maxp and os.path.exists(f"{z}/{stem}-{n}.json"):
         tp, fp, p, r = score(load(n))
         curve.append((n, r, fp / len(independent)))
         prec = f"{p:.0%}" if tp + fp else "– (none called derived)"

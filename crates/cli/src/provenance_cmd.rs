@@ -39,7 +39,7 @@ pub struct ProvenanceArgs {
     /// Prompts (or held-out sequences) used, from the start of the file.
     #[arg(long, default_value_t = 500)]
     max_prompts: usize,
-    /// Black-box: tokens generated per answer, and words (positions) compared.
+    /// Black-box: tokens generated per answer, and words of the answers compared.
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
     /// Black-box: ask for plain-text completions of each prompt's text (`/v1/completions`;
@@ -127,7 +127,8 @@ pub fn run(a: ProvenanceArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.top_weight) {
         bail!("--top-weight {}: expected a weight in [0, 1]", a.top_weight);
     }
-    if a.top_positions == 0 && a.top_weight > 0.0 {
+    let asks_top = a.prompts.is_some() && a.top_logprobs > 0;
+    if asks_top && a.top_positions == 0 && a.top_weight > 0.0 {
         bail!("--top-positions 0: compare at least the first generated position, or give --top-weight 0");
     }
     let mut specs: Vec<String> = a.teacher.clone();

@@ -30,8 +30,12 @@
 //!    there is no O, and the stricter `sim(S, T) − sim(S, R)` (the suspect agrees more with the
 //!    teacher than with R) is asked instead.
 //!
-//! Each is a one-sided paired sign-flip permutation test on the mean difference over prompts
-//! (exact under the null that the suspect and the reference are exchangeable per prompt). The
+//! Each is a one-sided paired sign-flip permutation test on the mean difference over prompts,
+//! exact under the null that the suspect and the reference are exchangeable per prompt (with the
+//! models held fixed: prompts, not models, are the sample). The single-reference question is not
+//! negated by that swap, but the verdict keeps its level through the first question (below). The
+//! second question assumes the references are no closer to each other than to a suspect of their
+//! kind (references that share a seed or data order make it easier to pass, never the first). The
 //! suspect is called derived from T only if every comparison rejects: the p-value is the largest
 //! of them (an intersection–union test, valid at level α without correction). With several
 //! candidate teachers the p-values are Holm-adjusted across teachers. The effect size is the
@@ -185,6 +189,13 @@ pub fn black_box_similarities(answers: &[Answers], opts: BlackBoxOptions) -> Res
             opts.top_weight
         )));
     }
+    if opts.top_positions == 0 && opts.top_weight > 0.0 {
+        return Err(Error::Msg(
+            "top-logprob positions 0 with a positive weight: compare at least the first \
+             generated position"
+                .into(),
+        ));
+    }
     let with_top = answers.iter().all(|a| a.top.is_some());
     // The weight the text gets: all of it when some API returned no top logprobs.
     let w_top = if with_top { opts.top_weight } else { 0.0 };
@@ -204,7 +215,7 @@ pub fn black_box_similarities(answers: &[Answers], opts: BlackBoxOptions) -> Res
         ));
     }
     if !with_top {
-        signals.push("no top_logprobs from every model: text only".into());
+        signals.push("not every model returned top_logprobs: text only".into());
     }
     let names = answers.iter().map(|a| a.name.clone()).collect();
     let mut sims = Similarities::new(names, n, signals);
@@ -604,7 +615,8 @@ pub fn markdown(r: &ProvenanceReport) -> String {
     s.push_str(
         "\n\"Derived\" means: on these prompts the teacher agrees with the suspect more than with \
          every reference, and the suspect leans towards the teacher (away from each reference) \
-         more than the other references do, beyond chance at level α. It \
+         more than the other references do (with one reference: agrees more with the teacher \
+         than with it), beyond chance at level α. It \
          does not say how (distillation, fine-tuning from its weights, or training on its \
          outputs), and \"not shown\" is not proof of independence: a student fine-tuned \
          elsewhere after distillation, collection through paraphrased prompts, or references \
@@ -901,6 +913,15 @@ mod tests {
         .unwrap();
         let err = test(&few, &[0], 1, &[2], "black-box", TestOptions::default()).unwrap_err();
         assert!(err.to_string().contains("too few prompts"), "{err}");
+        // Signal weights that compare nothing, or out of range.
+        for (w, k) in [(0.5, 0), (1.5, 4), (-0.1, 4)] {
+            let o = BlackBoxOptions {
+                words: 10,
+                top_weight: w,
+                top_positions: k,
+            };
+            assert!(black_box_similarities(&a, o).is_err(), "{o:?}");
+        }
         // A NaN similarity (say, NaN logits) is refused, not counted as agreement.
         let mut bad = sims.clone();
         let mut v = bad.get(1, 2);
