@@ -130,7 +130,7 @@ with open(out, "w") as f:
 EOF
   log "collecting the served teacher's completions of $COLLECT_PROMPTS book openings (64 tokens)"
   "$BIN" collect --endpoint "http://127.0.0.1:$PORT0" --prompts "$Z/api/prompts.jsonl" \
-    --out "$Z/api/collected" --completions --max-tokens 64 --resume >"$Z/api/collect.log" 2>&1 \
+    --out "$Z/api/collected" --completions --max-tokens 64 --concurrency 16 --resume >"$Z/api/collect.log" 2>&1 \
     || { cat "$Z/api/collect.log" >&2; exit 1; }
   # Text only: each prompt with the teacher's continuation is one document, in Gemma's tokens.
   python3 - "$Z/api/collected/responses.jsonl" "$Z/api/teacher-text.jsonl" <<'EOF'
@@ -163,6 +163,7 @@ ask() { # OUT-NAME PROMPTS N ANSWERS-DIR TOP-WEIGHT TOP-POSITIONS SUSPECT-URL...
   log "black-box test: $name ($n prompts of $prompts, top-weight $w, top-positions $k)"
   "$BIN" provenance --teacher "http://127.0.0.1:$PORT0/v1#teacher" --suspect "$@" \
     --reference "${REF[@]}" --prompts "$prompts" --max-prompts "$n" --completions --top-logprobs 5 \
+    --concurrency 16 \
     --top-weight "$w" --top-positions "$k" --answers-dir "$answers" --out "$Z/$name" --json \
     >"$Z/$name.json.tmp" 2>"$Z/$name.log" || { cat "$Z/$name.log" >&2; exit 1; }
   mv "$Z/$name.json.tmp" "$Z/$name.json"

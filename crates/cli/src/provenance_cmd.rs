@@ -58,6 +58,10 @@ pub struct ProvenanceArgs {
     /// ones while the two answers agree).
     #[arg(long, default_value_t = BlackBoxOptions::default().top_positions)]
     top_positions: usize,
+    /// Black-box: requests in flight to each endpoint (a local `distill serve` batches up to its
+    /// --max-batch of them into one forward; a rate-limited API may want fewer).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
     /// The environment variable holding the endpoints' API key.
     #[arg(long, default_value = "DISTILL_API_KEY")]
     api_key_env: String,
@@ -363,7 +367,7 @@ fn answers_of(
                 model: model.clone(),
                 prompts: prompts.to_path_buf(),
                 out: out.clone(),
-                concurrency: 4,
+                concurrency: a.concurrency,
                 top_logprobs: (a.top_logprobs > 0).then_some(a.top_logprobs),
                 max_tokens: a.max_new_tokens,
                 temperature: 0.0,
