@@ -22,7 +22,7 @@
 # Every heal: STEPS steps × 4 sequences × 256 tokens, lr 5e-4 → 5e-5, embeddings frozen. Then
 # `distill provenance` black-box through `distill serve`: plain-text completions (16 tokens, top-5
 # logprobs) of held-out prose, the first 12 words of each paragraph of Alice (a book none of these
-# heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / 200 / MAX_PROMPTS prompts.
+# heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / 200 / 300 / MAX_PROMPTS (default 464: all) prompts.
 # These settings are scripts/provenance-zoo.sh's, fixed before this zoo existed, except how the text
 # and top-logprob signals are weighed: that is chosen on the 150 dev prompts (prose-dev.jsonl, the
 # first paragraphs of Alice), never on the test prompts the table is made of.
@@ -42,7 +42,7 @@ T=${TEACHER:-models/smollm2-135m-instruct}
 TOKENS=${TOKENS:-data/tokens/corpus}
 ALICE=${ALICE:-data/raw/fiction-eval/valid/carroll-alice.txt}
 STEPS=${STEPS:-16}
-MAX_PROMPTS=${MAX_PROMPTS:-300}
+MAX_PROMPTS=${MAX_PROMPTS:-464}  # every test prompt (the issue allows 500)
 COLLECT_PROMPTS=${COLLECT_PROMPTS:-300}
 PORT0=${PORT0:-18300}
 G=models/gemma-3-270m-hf
@@ -206,7 +206,7 @@ EOF
 )
 log "chosen on the dev prompts: top-weight, top-positions = $CHOICE"
 set -- $CHOICE
-for n in 25 50 100 200 "$MAX_PROMPTS"; do
+for n in 25 50 100 200 300 "$MAX_PROMPTS"; do
   [ "$n" -gt "$MAX_PROMPTS" ] && continue
   ask "test-w$1-k$2-$n" "$Z/prose-test.jsonl" "$n" "$Z/answers" "$1" "$2" "${SUS[@]}"
 done
@@ -234,7 +234,7 @@ for m in derived + independent:
 out += ["", "| prompts | derived found | independent called derived | precision | recall |",
         "|---:|---:|---:|---:|---:|"]
 curve = []
-for n in sorted({25, 50, 100, 200, maxp}):
+for n in sorted({25, 50, 100, 200, 300, maxp}):
     if n <= maxp and os.path.exists(f"{z}/{stem}-{n}.json"):
         tp, fp, p, r = score(load(n))
         curve.append((n, r, fp / len(independent)))
