@@ -69,13 +69,39 @@ pub fn student_config(teacher: &Config, s: &StudentSection) -> Result<Config> {
             h / nh
         },
         torch_dtype: "float32".into(),
-        // Gemma 3's layer types follow its own pattern at the student's depth.
-        gemma3: teacher.gemma3.clone().map(|g| distill_core::Gemma3 {
-            sliding_layers: distill_core::Gemma3::default_layers(l),
-            ..g
-        }),
+        // Gemma 3's layer types: a copied layer keeps its own (its weights were trained for
+        // that attention); a new student follows Gemma's pattern at its depth.
+        gemma3: match &teacher.gemma3 {
+            Some(g) => Some(distill_core::Gemma3 {
+                sliding_layers: match s.init {
+                    StudentInit::TeacherLayers => layer_map(teacher, s, l)?
+                        .iter()
+                        .map(|&i| g.sliding_layers[i])
+                        .collect(),
+                    _ => distill_core::Gemma3::default_layers(l),
+                },
+                ..g.clone()
+            }),
+            None => None,
+        },
         ..teacher.clone()
     })
+}
+
+/// The teacher layers a `teacher-layers` student of `n` layers copies: `student.teacher_layers`,
+/// checked, or by default every k-th from 0.
+pub fn layer_map(teacher: &Config, s: &StudentSection, n: usize) -> Result<Vec<usize>> {
+    let map = match &s.teacher_layers {
+        Some(m) => m.clone(),
+        None => default_layer_map(teacher.num_hidden_layers, n),
+    };
+    if map.len() != n || map.iter().any(|&i| i >= teacher.num_hidden_layers) {
+        return Err(Error::Msg(format!(
+            "student.teacher_layers = {map:?}: need {n} indices below {}",
+            teacher.num_hidden_layers
+        )));
+    }
+    Ok(map)
 }
 
 /// Teacher layers a student of `n` layers copies by default: every k-th from 0.
@@ -130,16 +156,7 @@ fn copy_teacher_layers(
             shape(sc)
         )));
     }
-    let map = match &s.teacher_layers {
-        Some(m) => m.clone(),
-        None => default_layer_map(tc.num_hidden_layers, sc.num_hidden_layers),
-    };
-    if map.len() != sc.num_hidden_layers || map.iter().any(|&i| i >= tc.num_hidden_layers) {
-        return Err(Error::Msg(format!(
-            "student.teacher_layers = {map:?}: need {} indices below {}",
-            sc.num_hidden_layers, tc.num_hidden_layers
-        )));
-    }
+    let map = layer_map(tc, s, sc.num_hidden_layers)?;
     let files = distill_core::weights::safetensors_files(teacher_dir)?;
     // SAFETY: model dirs are read-only inputs for the whole run.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
@@ -295,4 +312,38 @@ pub fn frozen_copy(
         VarBuilder::from_tensors(tensors, DType::F32, device),
         cfg,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(toml_text: &str) -> StudentSection {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn a_gemma_student_keeps_the_attention_type_of_each_copied_layer() {
+        // The tiny Gemma: layers 0 and 1 slide, layer 2 attends to everything.
+        let teacher = Config::tiny_gemma3();
+        let types = |s: &StudentSection| {
+            student_config(&teacher, s)
+                .unwrap()
+                .gemma3
+                .unwrap()
+                .sliding_layers
+        };
+        let copied = section("init = \"teacher-layers\"\nlayers = 2\nteacher_layers = [2, 0]");
+        assert_eq!(types(&copied), vec![false, true]);
+        // The default map (every k-th from 0) keeps each copied layer's type too.
+        let default_map = section("init = \"teacher-layers\"\nlayers = 3");
+        assert_eq!(types(&default_map), vec![true, true, false]);
+        // A new student of that shape follows Gemma's own pattern at its depth.
+        let fresh = section("layers = 2\nhidden = 64\nheads = 4\nkv_heads = 2\nintermediate = 128");
+        assert_eq!(types(&fresh), distill_core::Gemma3::default_layers(2));
+        // A map that names a layer the teacher lacks is one error, not a panic.
+        let bad = section("init = \"teacher-layers\"\nlayers = 1\nteacher_layers = [5]");
+        let err = student_config(&teacher, &bad).unwrap_err().to_string();
+        assert!(err.contains("teacher_layers = [5]"), "{err}");
+    }
 }
