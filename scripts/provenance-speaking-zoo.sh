@@ -22,7 +22,8 @@
 # Every heal: STEPS steps × 4 sequences × 256 tokens, lr 5e-4 → 5e-5, embeddings frozen. Then
 # `distill provenance` black-box through `distill serve`: plain-text completions (16 tokens, top-5
 # logprobs) of held-out prose, the first 12 words of each paragraph of Alice (a book none of these
-# heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / 200 / 300 / MAX_PROMPTS (default 464: all) prompts.
+# heals read; both pretraining sets may have), α = 0.01, at 25 / 50 / 100 / 200 / 300 / MAX_PROMPTS
+# (default 464: every test prompt) prompts.
 # These settings are scripts/provenance-zoo.sh's, fixed before this zoo existed, except how the text
 # and top-logprob signals are weighed: that is chosen on the 150 dev prompts (prose-dev.jsonl, the
 # first paragraphs of Alice), never on the test prompts the table is made of.
@@ -170,9 +171,8 @@ ask() { # OUT-NAME PROMPTS N ANSWERS-DIR TOP-WEIGHT TOP-POSITIONS SUSPECT-URL...
 }
 # Tuning, on the dev prompts only and the seed-1 models only (the seed-2 ones are first seen by the
 # test; the API student has no seed 2, so it is in both): how the text and top-logprob signals are
-# weighed. Each variant (top-weight, top-positions)
-# is scored by the derived models found with no independent one called derived; ties go to the
-# smaller geometric mean of the derived models' p-values.
+# weighed. Each variant (top-weight, top-positions) is scored by the derived models found with no
+# independent one called derived; ties go to the smaller geometric mean of the derived p-values.
 DEV=(); DEV_SUS=()
 for i in "${!SUS[@]}"; do
   case ${SUS[$i]} in *-s2) ;; *) DEV+=("${SUSPECTS[$i]}"); DEV_SUS+=("${SUS[$i]}") ;; esac

@@ -128,12 +128,13 @@ fn slug(s: &str) -> String {
 
 pub fn run(a: ProvenanceArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
-    if !(0.0..=1.0).contains(&a.top_weight) {
-        bail!("--top-weight {}: expected a weight in [0, 1]", a.top_weight);
-    }
-    let asks_top = a.prompts.is_some() && a.top_logprobs > 0;
-    if asks_top && a.top_positions == 0 && a.top_weight > 0.0 {
-        bail!("--top-positions 0: compare at least the first generated position, or give --top-weight 0");
+    let black_box = BlackBoxOptions {
+        words: a.max_new_tokens,
+        top_weight: a.top_weight,
+        top_positions: a.top_positions,
+    };
+    if a.prompts.is_some() {
+        black_box.check()?; // before any model is asked
     }
     let mut specs: Vec<String> = a.teacher.clone();
     specs.extend(a.suspect.iter().cloned());
@@ -180,17 +181,7 @@ pub fn run(a: ProvenanceArgs) -> Result<()> {
                 }
                 answers.push(answers_of(src, label, prompts, &a, &device)?);
             }
-            (
-                black_box_similarities(
-                    &answers,
-                    BlackBoxOptions {
-                        words: a.max_new_tokens,
-                        top_weight: a.top_weight,
-                        top_positions: a.top_positions,
-                    },
-                )?,
-                "black-box",
-            )
+            (black_box_similarities(&answers, black_box)?, "black-box")
         }
         (None, None) => bail!("give --tokens DIR (white-box) or --prompts FILE (black-box)"),
     };

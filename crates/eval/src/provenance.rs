@@ -176,6 +176,26 @@ impl Default for BlackBoxOptions {
     }
 }
 
+impl BlackBoxOptions {
+    /// Refuses weights outside [0, 1] and a top-logprob signal that compares no position.
+    pub fn check(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.top_weight) {
+            return Err(Error::Msg(format!(
+                "top-weight {}: expected a weight in [0, 1]",
+                self.top_weight
+            )));
+        }
+        if self.top_positions == 0 && self.top_weight > 0.0 {
+            return Err(Error::Msg(
+                "top-positions 0 with a positive top-weight: compare at least the first \
+                 generated position, or give top-weight 0"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Black-box similarities of `answers` (one per model, the same prompts in the same order).
 pub fn black_box_similarities(answers: &[Answers], opts: BlackBoxOptions) -> Result<Similarities> {
     let n = answers.first().map_or(0, |a| a.texts.len());
@@ -187,19 +207,7 @@ pub fn black_box_similarities(answers: &[Answers], opts: BlackBoxOptions) -> Res
             answers[0].name
         )));
     }
-    if !(0.0..=1.0).contains(&opts.top_weight) {
-        return Err(Error::Msg(format!(
-            "top-logprob weight {}: expected a weight in [0, 1]",
-            opts.top_weight
-        )));
-    }
-    if opts.top_positions == 0 && opts.top_weight > 0.0 {
-        return Err(Error::Msg(
-            "top-logprob positions 0 with a positive weight: compare at least the first \
-             generated position"
-                .into(),
-        ));
-    }
+    opts.check()?;
     let with_top = answers.iter().all(|a| a.top.is_some());
     // The weight the text gets: all of it when some API returned no top logprobs.
     let w_top = if with_top { opts.top_weight } else { 0.0 };
@@ -510,23 +518,27 @@ pub fn test(
                 minus(&st, &rt),
             ));
         }
-        if let [r] = references {
-            let sr = sims.get(suspect, *r);
-            comparisons.push(compare(
-                name(*r),
-                "suspect-closer-to-teacher",
-                minus(&st, &sr),
-            ));
-        }
-        for &r in references.iter().filter(|_| references.len() > 1) {
-            let lean = minus(&st, &sims.get(suspect, r));
-            for &o in references.iter().filter(|&&o| o != r) {
-                let other = minus(&sims.get(o, t), &sims.get(o, r));
+        match references {
+            [r] => {
+                let sr = sims.get(suspect, *r);
                 comparisons.push(compare(
-                    format!("{} (against {})", name(r), name(o)),
-                    "suspect-leans-to-teacher",
-                    minus(&lean, &other),
+                    name(*r),
+                    "suspect-closer-to-teacher",
+                    minus(&st, &sr),
                 ));
+            }
+            _ => {
+                for &r in references {
+                    let lean = minus(&st, &sims.get(suspect, r));
+                    for &o in references.iter().filter(|&&o| o != r) {
+                        let other = minus(&sims.get(o, t), &sims.get(o, r));
+                        comparisons.push(compare(
+                            format!("{} (against {})", name(r), name(o)),
+                            "suspect-leans-to-teacher",
+                            minus(&lean, &other),
+                        ));
+                    }
+                }
             }
         }
         let binding = comparisons
