@@ -270,10 +270,12 @@ struct Attention {
     head_dim: usize,
     /// Multiplies the scores: `head_dim^-½`, or Gemma 3's `query_pre_attn_scalar^-½`.
     scale: f64,
+    /// The most keys a position attends to (Gemma 3's sliding layers), itself included.
+    window: Option<usize>,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, window: Option<usize>) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
             qkv: Projections::new(vec![
@@ -311,6 +313,7 @@ impl Attention {
                 Some(g) => 1.0 / g.query_pre_attn_scalar.sqrt(),
                 None => 1.0 / (d as f64).sqrt(),
             },
+            window,
         })
     }
 
@@ -353,6 +356,13 @@ impl Attention {
         // rotation's pass does it).
         let q = rope.apply(&q, pos, self.scale)?;
         let k = rope.apply(&k, pos, 1.0)?;
+        // A whole sequence from position 0 (training, the teacher's cache, eval, prefill without
+        // a cache): one op, which skips the keys the causal mask hides.
+        if cache.is_none() && pos == 0 {
+            if let Some(y) = ops::causal_attention(&q, &k, &v, self.window)? {
+                return Ok(y);
+            }
+        }
         let (k, v) = match cache {
             Some(cache) => cache.append(&k, &v)?,
             None => (k, v),
@@ -453,7 +463,7 @@ impl Block {
         let window = cfg.layer_window(i);
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, window)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             feedforward_norms: match cfg.arch {
                 Arch::Gemma3 => Some((

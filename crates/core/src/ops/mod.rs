@@ -5,6 +5,7 @@
 //! no backward and would silently cut the graph (CANDLE-NOTES.md), so the choice is made on the
 //! inputs themselves: `Tensor::track_op` is true exactly when a gradient can flow through it.
 
+mod attention;
 mod grad;
 
 use candle_core::{DType, Result, Tensor, D};
@@ -23,6 +24,77 @@ pub fn host_f32<'a>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// dst (m×n) := [dst +] lhs (m×k) · rhs (k×n), each given by its column and row strides, on
+/// `threads` threads (1: this one). The f32 GEMM of the kernels that call gemm themselves: the
+/// fused lm-head loss and the causal attention.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    (dst_cs, dst_rs): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: &[f32],
+    (rhs_cs, rhs_rs): (usize, usize),
+    threads: usize,
+) {
+    let last = |cs: usize, rs: usize, rows: usize, cols: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    // The bounds the GEMM reads and writes, checked once so that the raw call below is sound.
+    assert!(
+        dst.len() >= last(dst_cs, dst_rs, m, n),
+        "gemm: dst too short"
+    );
+    assert!(
+        lhs.len() >= last(lhs_cs, lhs_rs, m, k),
+        "gemm: lhs too short"
+    );
+    assert!(
+        rhs.len() >= last(rhs_cs, rhs_rs, k, n),
+        "gemm: rhs too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let par = match threads {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    // SAFETY: every element the GEMM touches lies inside the slices (checked above), dst is
+    // borrowed mutably and so does not alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
     }
 }
 
@@ -100,6 +172,45 @@ pub fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(att.contiguous()?.apply_op1(grad::MaskedSoftmax {
         mask: mask.contiguous()?,
     })?))
+}
+
+/// Causal self-attention at positions 0..T: `softmax(q kᵀ + mask) v` with `q` (B, h, T, D)
+/// rotated and already scaled, `k`, `v` (B, kvh, T, D), query head `i` reading KV head
+/// `i / (h / kvh)`, and position `p` seeing keys `p − window < j ≤ p` (`window` None: all up to
+/// `p`) → (B, T, h·D), the heads side by side as the output projection reads them. One op
+/// forward and backward ([`attention`]), where the op-by-op graph builds (B·h·T·T) scores, a mask
+/// sum, a softmax and two batched products, each with its backward. None when the inputs are not
+/// f32 CPU tensors of those shapes (the caller keeps that graph).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let fits = cpu_f32(&[q, k, v])
+        && q.rank() == 4
+        && k.rank() == 4
+        && k.dims() == v.dims()
+        && q.dim(0)? == k.dim(0)?
+        && q.dim(2)? == k.dim(2)?
+        && q.dim(3)? == k.dim(3)?
+        && k.dim(1)? > 0
+        && q.dim(1)? % k.dim(1)? == 0
+        && q.elem_count() > 0
+        && window != Some(0);
+    if !fits {
+        return Ok(None);
+    }
+    let op = attention::CausalAttention {
+        window,
+        keep: needs_grad(&[q, k, v]),
+        saved: std::sync::Mutex::new(None),
+    };
+    Ok(Some(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        op,
+    )?))
 }
 
 /// SwiGLU of packed rows `[gate | up]` (…, 2·width) → (…, width): the output of one gate-and-up
@@ -296,6 +407,110 @@ mod tests {
         assert_close("swiglu", &y, &y0, 1e-6);
         let g0 = Tensor::cat(&[&g0[0], &g0[1]], 1)?;
         assert_close("swiglu d[gate|up]", &g[0], &g0, 1e-5);
+        Ok(())
+    }
+
+    /// The attention the model builds op by op: (B, kvh, rep·T, S) scores through the masked
+    /// softmax, then the values, heads moved back beside each other.
+    fn attention_composite(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let (b, h, t, d) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let mask = crate::model::causal_mask(t, 0, window, q.device())?;
+        let att = q.reshape((b, kvh, h / kvh * t, d))?.matmul(&k.t()?)?;
+        let att = masked_softmax(&att, &mask)?.expect("f32 CPU scores take the kernel");
+        att.matmul(v)?
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))
+    }
+
+    /// The one-op causal attention against the op-by-op graph, values and gradients: grouped
+    /// heads, a last block shorter than the others, a window that starts inside a block and one
+    /// longer than the sequence, and a single position.
+    #[test]
+    fn causal_attention_matches_the_op_by_op_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, kvh, t, d, window) in [
+            (2, 6, 2, 150, 16, None),
+            (1, 4, 4, 150, 8, Some(40)),
+            (2, 2, 1, 70, 8, Some(300)),
+            (3, 3, 1, 1, 8, None),
+        ] {
+            let q = Tensor::randn(0f32, 1., (b, h, t, d), &dev)?;
+            let k = Tensor::randn(0f32, 1., (b, kvh, t, d), &dev)?;
+            let v = Tensor::randn(0f32, 1., (b, kvh, t, d), &dev)?;
+            let what = format!("attention {:?}", (b, h, kvh, t, d, window));
+            let (y, g) = value_and_grads(&[&q, &k, &v], |a| {
+                Ok(causal_attention(&a[0], &a[1], &a[2], window)?
+                    .expect("f32 CPU inputs take the op"))
+            })?;
+            let (y0, g0) = value_and_grads(&[&q, &k, &v], |a| {
+                attention_composite(&a[0], &a[1], &a[2], window)
+            })?;
+            assert_eq!(y.dims(), &[b, t, h * d]);
+            assert_close(&what, &y, &y0, 1e-5);
+            for (name, (a, a0)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&g0)) {
+                assert_close(&format!("{what} {name}"), a, a0, 1e-4);
+            }
+            // Without a gradient (the teacher's forward) the value is the same.
+            let plain = causal_attention(&q, &k, &v, window)?.expect("f32 CPU inputs take the op");
+            assert_eq!(
+                max_diff(&plain, &y),
+                0.0,
+                "{what}: with and without a gradient"
+            );
+        }
+        // What the op cannot take is declined: kv heads that do not divide the query heads, an
+        // empty window, another dtype.
+        let q = Tensor::randn(0f32, 1., (1, 3, 5, 4), &dev)?;
+        let k = Tensor::randn(0f32, 1., (1, 2, 5, 4), &dev)?;
+        assert!(causal_attention(&q, &k, &k, None)?.is_none());
+        let k1 = k.narrow(1, 0, 1)?;
+        assert!(causal_attention(&q, &k1, &k1, Some(0))?.is_none());
+        let q64 = q.to_dtype(DType::F64)?;
+        assert!(causal_attention(
+            &q64,
+            &k1.to_dtype(DType::F64)?,
+            &k1.to_dtype(DType::F64)?,
+            None
+        )?
+        .is_none());
+        Ok(())
+    }
+
+    /// The attention's values and gradients do not depend on the thread count.
+    #[test]
+    fn causal_attention_is_deterministic_across_thread_counts() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (2, 6, 130, 16), &dev)?;
+        let k = Tensor::randn(0f32, 1., (2, 3, 130, 16), &dev)?;
+        let v = Tensor::randn(0f32, 1., (2, 3, 130, 16), &dev)?;
+        let run = || -> Result<Vec<Tensor>> {
+            let (y, g) = value_and_grads(&[&q, &k, &v], |a| {
+                Ok(causal_attention(&a[0], &a[1], &a[2], Some(100))?.expect("the op"))
+            })?;
+            Ok(std::iter::once(y).chain(g).collect())
+        };
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .expect("a thread pool")
+        };
+        let one = pool(1).install(run)?;
+        let three = pool(3).install(run)?;
+        for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+            assert_eq!(
+                max_diff(a, b),
+                0.0,
+                "output {i} differs between 1 and 3 threads"
+            );
+        }
         Ok(())
     }
 

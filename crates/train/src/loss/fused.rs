@@ -69,72 +69,33 @@ struct LmHeadKd {
     saved: Arc<Mutex<Saved>>,
 }
 
-/// dst (m×n) := [dst +] lhs (m×k) · rhs (k×n), each given by its column and row strides.
+/// The shared GEMM with candle's thread count.
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
-    (dst_cs, dst_rs): (usize, usize),
+    dst_strides: (usize, usize),
     accumulate: bool,
     lhs: &[f32],
-    (lhs_cs, lhs_rs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[f32],
-    (rhs_cs, rhs_rs): (usize, usize),
+    rhs_strides: (usize, usize),
 ) {
-    let last = |cs: usize, rs: usize, rows: usize, cols: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    // The bounds the GEMM reads and writes, checked once so that the raw call below is sound.
-    assert!(
-        dst.len() >= last(dst_cs, dst_rs, m, n),
-        "gemm: dst too short"
-    );
-    assert!(
-        lhs.len() >= last(lhs_cs, lhs_rs, m, k),
-        "gemm: lhs too short"
-    );
-    assert!(
-        rhs.len() >= last(rhs_cs, rhs_rs, k, n),
-        "gemm: rhs too short"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    let par = match candle_core::utils::get_num_threads() {
-        1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    };
-    // SAFETY: every element the GEMM touches lies inside the slices (checked above), dst is
-    // borrowed mutably and so does not alias lhs or rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    distill_core::ops::gemm_f32(
+        m,
+        n,
+        k,
+        dst,
+        dst_strides,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        candle_core::utils::get_num_threads(),
+    )
 }
 
 impl LmHeadKd {
