@@ -161,9 +161,8 @@ impl Rope {
         })
     }
 
-    /// `x` (B, H, T, D) at positions `pos..pos+T`, rotated and multiplied by `scale`.
-    fn apply(&self, x: &Tensor, pos: usize, scale: f64) -> Result<Tensor> {
-        let t = x.dim(2)?;
+    /// The (cos, sin) tables of positions `pos..pos+t`, each (t, head_dim / 2).
+    fn tables(&self, pos: usize, t: usize) -> Result<(Tensor, Tensor)> {
         if pos + t > self.cos.dim(0)? {
             candle_core::bail!(
                 "sequence of {} tokens exceeds max_position_embeddings {}",
@@ -171,12 +170,13 @@ impl Rope {
                 self.cos.dim(0)?
             )
         }
-        ops::rope(
-            x,
-            &self.cos.narrow(0, pos, t)?,
-            &self.sin.narrow(0, pos, t)?,
-            scale,
-        )
+        Ok((self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?))
+    }
+
+    /// `x` (B, H, T, D) at positions `pos..pos+T`, rotated and multiplied by `scale`.
+    fn apply(&self, x: &Tensor, pos: usize, scale: f64) -> Result<Tensor> {
+        let (cos, sin) = self.tables(pos, x.dim(2)?)?;
+        ops::rope(x, &cos, &sin, scale)
     }
 }
 
@@ -344,6 +344,19 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous() // (B, n, T, D)
         };
+        // A whole sequence from position 0 (training, the teacher's cache, eval, prefill without
+        // a cache) on the CPU: one GEMM for q, k and v and one op from its output on.
+        let whole = cache.is_none() && pos == 0;
+        if whole && self.qk_norm.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let (cos, sin) = rope.tables(0, t)?;
+            let packed = self.qkv.forward_packed(x)?;
+            let heads = (h, kvh);
+            if let Some(y) =
+                ops::attention_packed(&packed, &cos, &sin, self.scale, heads, self.window)?
+            {
+                return Ok(y);
+            }
+        }
         let qkv = self.qkv.forward(x)?;
         let q = heads(qkv[0].clone(), h)?;
         let k = heads(qkv[1].clone(), kvh)?;
@@ -356,9 +369,8 @@ impl Attention {
         // rotation's pass does it).
         let q = rope.apply(&q, pos, self.scale)?;
         let k = rope.apply(&k, pos, 1.0)?;
-        // A whole sequence from position 0 (training, the teacher's cache, eval, prefill without
-        // a cache): one op, which skips the keys the causal mask hides.
-        if cache.is_none() && pos == 0 {
+        // Gemma's normed heads: the attention alone as one op.
+        if whole {
             if let Some(y) = ops::causal_attention(&q, &k, &v, self.window)? {
                 return Ok(y);
             }

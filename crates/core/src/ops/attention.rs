@@ -11,7 +11,9 @@
 
 use super::{gemm_f32, host_f32};
 use crate::vexp;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -78,9 +80,17 @@ impl Geom {
     }
 }
 
-/// One (sequence, KV head)'s forward: `o` (rep, T, D) and every query head's probabilities,
+/// One (sequence, KV head)'s forward from its query heads `q` (rep, T, D), keys `k` (T, D) and
+/// values `v` (T rows of D, `vs` apart): `o` (rep, T, D) and every query head's probabilities,
 /// block by block, into `probs` (rep · [`Geom::probs_per_head`]).
-fn task_forward(g: &Geom, q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], probs: &mut [f32]) {
+fn task_forward(
+    g: &Geom,
+    q: &[f32],
+    k: &[f32],
+    (v, vs): (&[f32], usize),
+    o: &mut [f32],
+    probs: &mut [f32],
+) {
     let d = g.d;
     let mut scores = vec![0f32; g.t];
     let mut off = 0;
@@ -137,17 +147,17 @@ fn task_forward(g: &Geom, q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], probs:
                 false,
                 s,
                 (1, nk),
-                &v[k0 * d..],
-                (1, d),
+                &v[k0 * vs..],
+                (1, vs),
                 1,
             );
         }
     }
 }
 
-/// One (sequence, KV head)'s backward from its probabilities `probs` and the output gradient
-/// `dy` (B, T, h·D) read at `head0`, the group's first query head, of sequence `b`: `dq` (rep,
-/// T, D), `dk`, `dv` (T, D), which must come in zeroed.
+/// One (sequence, KV head)'s backward from its inputs (as [`task_forward`]'s), its probabilities
+/// `probs` and the output gradient `dy` (B, T, h·D) read at `head0`, the group's first query
+/// head, of sequence `b`: `dq` (rep, T, D), `dk`, `dv` (T, D), which must come in zeroed.
 #[allow(clippy::too_many_arguments)]
 fn task_backward(
     g: &Geom,
@@ -155,7 +165,7 @@ fn task_backward(
     head0: usize,
     q: &[f32],
     k: &[f32],
-    v: &[f32],
+    (v, vs): (&[f32], usize),
     probs: &[f32],
     dy: &[f32],
     dq: &mut [f32],
@@ -187,8 +197,8 @@ fn task_backward(
                 false,
                 dy_blk,
                 (1, row),
-                &v[k0 * d..],
-                (d, 1),
+                &v[k0 * vs..],
+                (vs, 1),
                 1,
             );
             // dS = P ⊙ (dP − Σ P·dP) per row; hidden entries have P = 0 and so dS = 0.
@@ -273,7 +283,7 @@ impl CausalAttention {
                     g,
                     &q[task * rep * td..(task + 1) * rep * td],
                     &k[task * td..(task + 1) * td],
-                    &v[task * td..(task + 1) * td],
+                    (&v[task * td..(task + 1) * td], g.d),
                     &mut o,
                     &mut probs,
                 );
@@ -281,6 +291,27 @@ impl CausalAttention {
             })
             .collect()
     }
+}
+
+/// Every task's output (rep, T, D), `o(task)`, as (B, T, h·D) rows: the heads side by side.
+fn heads_side_by_side<'a>(g: &Geom, o: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<f32> {
+    let (rep, d, row) = (g.rep(), g.d, g.h * g.d);
+    let mut out = vec![0f32; g.b * g.t * row];
+    out.par_chunks_mut(g.t * row)
+        .enumerate()
+        .for_each(|(b, seq)| {
+            for gi in 0..g.kvh {
+                let o = o(b * g.kvh + gi);
+                for r in 0..rep {
+                    let head = gi * rep + r;
+                    for p in 0..g.t {
+                        seq[p * row + head * d..p * row + (head + 1) * d]
+                            .copy_from_slice(&o[(r * g.t + p) * d..(r * g.t + p + 1) * d]);
+                    }
+                }
+            }
+        });
+    out
 }
 
 fn data<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -312,28 +343,12 @@ impl CustomOp3 for CausalAttention {
             host_f32(sv, lv, name)?,
         );
         let tasks = self.forward_tasks(&g, q, k, v);
-        // Scatter each task's (rep, T, D) rows into (B, T, h·D).
-        let (rep, d, row) = (g.rep(), g.d, g.h * g.d);
-        let mut out = vec![0f32; g.b * g.t * row];
-        out.par_chunks_mut(g.t * row)
-            .enumerate()
-            .for_each(|(b, seq)| {
-                for gi in 0..g.kvh {
-                    let o = &tasks[b * g.kvh + gi].0;
-                    for r in 0..rep {
-                        let head = gi * rep + r;
-                        for p in 0..g.t {
-                            seq[p * row + head * d..p * row + (head + 1) * d]
-                                .copy_from_slice(&o[(r * g.t + p) * d..(r * g.t + p + 1) * d]);
-                        }
-                    }
-                }
-            });
+        let out = heads_side_by_side(&g, |task| &tasks[task].0);
         if self.keep {
             let probs = tasks.into_iter().map(|(_, p)| p).collect();
             *self.saved.lock().expect("attention's saved probabilities") = Some(probs);
         }
-        Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, row))))
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, g.h * g.d))))
     }
 
     fn bwd(
@@ -386,7 +401,7 @@ impl CustomOp3 for CausalAttention {
                     gi * rep,
                     &qd[task * rep * td..(task + 1) * rep * td],
                     &kd[task * td..(task + 1) * td],
-                    &vd[task * td..(task + 1) * td],
+                    (&vd[task * td..(task + 1) * td], g.d),
                     &probs[task],
                     gd,
                     dq,
@@ -400,5 +415,207 @@ impl CustomOp3 for CausalAttention {
             Some(Tensor::from_vec(dk, k.shape(), &dev)?),
             Some(Tensor::from_vec(dv, v.shape(), &dev)?),
         ))
+    }
+}
+
+/// Causal attention straight from the packed projection `[q | k | v]` (B, T, (h + 2·kvh)·D) of
+/// positions 0..T, the output of one GEMM: each task rotates its query heads (times `q_scale`)
+/// and its key head itself and reads its values in place, → (B, T, h·D). The backward writes the
+/// packed gradient, rotated back. Where the op-by-op graph narrows, transposes, copies and rotates
+/// q, k and v (and backward undoes each, with a zero-filled accumulator per step), this is one op.
+pub(super) struct PackedAttention {
+    pub h: usize,
+    pub kvh: usize,
+    pub window: Option<usize>,
+    /// Rotary tables of positions 0..T, (T, D/2).
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub q_scale: f32,
+    /// Keep each task's rotated heads and probabilities for the backward (else recomputed).
+    pub keep: bool,
+    pub saved: Mutex<Option<Vec<PackedTask>>>,
+}
+
+/// One task's rotated query heads (rep, T, D), rotated keys (T, D) and probabilities.
+pub(super) struct PackedTask {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    probs: Vec<f32>,
+}
+
+impl PackedAttention {
+    fn geom(&self, dims: &[usize]) -> Result<Geom> {
+        let (h, kvh) = (self.h, self.kvh);
+        let &[b, t, w] = dims else {
+            candle_core::bail!("packed attention: input {dims:?}, expected (B, T, (h + 2·kvh)·D)")
+        };
+        let heads = h + 2 * kvh;
+        if kvh == 0 || w % heads != 0 {
+            candle_core::bail!("packed attention: width {w} for {h} query and {kvh} kv heads")
+        }
+        let d = w / heads;
+        Geom::of(&[b, h, t, d], &[b, kvh, t, d], &[b, kvh, t, d], self.window)
+    }
+
+    /// Where task `task`'s values start in the packed data, and their row stride.
+    fn values(g: &Geom, task: usize) -> (usize, usize) {
+        let w = (g.h + 2 * g.kvh) * g.d;
+        let (b, gi) = (task / g.kvh, task % g.kvh);
+        (b * g.t * w + (g.h + g.kvh + gi) * g.d, w)
+    }
+
+    /// `f` of the rotary tables' data, checked against the sizes of `g`.
+    fn tables<R>(&self, g: &Geom, f: impl FnOnce(&[f32], &[f32]) -> Result<R>) -> Result<R> {
+        let name = "distill-packed-attention";
+        let (sc, lc) = self.cos.storage_and_layout();
+        let (ss, ls) = self.sin.storage_and_layout();
+        let (cos, sin) = (data(&sc, lc, name)?, data(&ss, ls, name)?);
+        let half = g.d / 2;
+        if g.d % 2 != 0 || cos.len() != g.t * half || sin.len() != g.t * half {
+            candle_core::bail!(
+                "packed attention: rotary tables of {} for T = {}, D = {}",
+                cos.len(),
+                g.t,
+                g.d
+            )
+        }
+        f(cos, sin)
+    }
+
+    /// Every task's output (rep, T, D) and saved state.
+    fn forward_tasks(
+        &self,
+        g: &Geom,
+        x: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+    ) -> Vec<(Vec<f32>, PackedTask)> {
+        let (t, d, rep) = (g.t, g.d, g.rep());
+        let (w, half) = ((g.h + 2 * g.kvh) * d, d / 2);
+        let per_task = rep * g.probs_per_head();
+        (0..g.b * g.kvh)
+            .into_par_iter()
+            .map(|task| {
+                let (b, gi) = (task / g.kvh, task % g.kvh);
+                let rotate = |col: usize, scale: f32, out: &mut [f32]| {
+                    for (p, o) in out.chunks_exact_mut(d).enumerate() {
+                        let at = (b * t + p) * w + col;
+                        let (c, s) = (
+                            &cos[p * half..(p + 1) * half],
+                            &sin[p * half..(p + 1) * half],
+                        );
+                        vexp::rope_row(&x[at..at + d], c, s, 1.0, scale, o);
+                    }
+                };
+                let mut q = vec![0f32; rep * t * d];
+                for (r, qr) in q.chunks_exact_mut(t * d).enumerate() {
+                    rotate((gi * rep + r) * d, self.q_scale, qr);
+                }
+                let mut k = vec![0f32; t * d];
+                rotate((g.h + gi) * d, 1.0, &mut k);
+                let (v0, vs) = Self::values(g, task);
+                let mut o = vec![0f32; rep * t * d];
+                let mut probs = vec![0f32; per_task];
+                task_forward(g, &q, &k, (&x[v0..], vs), &mut o, &mut probs);
+                (o, PackedTask { q, k, probs })
+            })
+            .collect()
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "distill-packed-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = host_f32(s, l, self.name())?;
+        let g = self.geom(l.dims())?;
+        let tasks = self.tables(&g, |cos, sin| Ok(self.forward_tasks(&g, x, cos, sin)))?;
+        let out = heads_side_by_side(&g, |task| &tasks[task].0);
+        if self.keep {
+            let states = tasks.into_iter().map(|(_, st)| st).collect();
+            *self.saved.lock().expect("attention's saved state") = Some(states);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, g.h * g.d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let name = self.name();
+        let g = self.geom(x.dims())?;
+        let dy = dy.contiguous()?;
+        let (sx, lx) = x.storage_and_layout();
+        let (sg, lg) = dy.storage_and_layout();
+        let (xd, gd) = (data(&sx, lx, name)?, data(&sg, lg, name)?);
+        let saved = self.saved.lock().expect("attention's saved state").take();
+        let states = match saved {
+            Some(s) => s,
+            None => self
+                .tables(&g, |cos, sin| Ok(self.forward_tasks(&g, xd, cos, sin)))?
+                .into_iter()
+                .map(|(_, st)| st)
+                .collect(),
+        };
+        let (t, d, rep, kvh) = (g.t, g.d, g.rep(), g.kvh);
+        let grads: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = states
+            .par_iter()
+            .enumerate()
+            .map(|(task, st)| {
+                let mut dq = vec![0f32; rep * t * d];
+                let mut dk = vec![0f32; t * d];
+                let mut dv = vec![0f32; t * d];
+                let (v0, vs) = Self::values(&g, task);
+                task_backward(
+                    &g,
+                    task / kvh,
+                    task % kvh * rep,
+                    &st.q,
+                    &st.k,
+                    (&xd[v0..], vs),
+                    &st.probs,
+                    gd,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                );
+                (dq, dk, dv)
+            })
+            .collect();
+        // The packed gradient: each head's rotated back into its columns (a rotation's transpose
+        // is the opposite rotation), the values' copied.
+        let w = (g.h + 2 * kvh) * d;
+        let half = d / 2;
+        let dx = self.tables(&g, |cos, sin| {
+            let mut dx = vec![0f32; xd.len()];
+            dx.par_chunks_mut(t * w).enumerate().for_each(|(b, seq)| {
+                for (p, row) in seq.chunks_exact_mut(w).enumerate() {
+                    let (c, s) = (
+                        &cos[p * half..(p + 1) * half],
+                        &sin[p * half..(p + 1) * half],
+                    );
+                    for gi in 0..kvh {
+                        let (dq, dk, dv) = &grads[b * kvh + gi];
+                        for r in 0..rep {
+                            let (col, at) = ((gi * rep + r) * d, (r * t + p) * d);
+                            let out = &mut row[col..col + d];
+                            vexp::rope_row(&dq[at..at + d], c, s, -1.0, self.q_scale, out);
+                        }
+                        let col = (g.h + gi) * d;
+                        vexp::rope_row(
+                            &dk[p * d..(p + 1) * d],
+                            c,
+                            s,
+                            -1.0,
+                            1.0,
+                            &mut row[col..col + d],
+                        );
+                        let col = (g.h + kvh + gi) * d;
+                        row[col..col + d].copy_from_slice(&dv[p * d..(p + 1) * d]);
+                    }
+                }
+            });
+            Ok(dx)
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?))
     }
 }

@@ -213,6 +213,45 @@ pub fn causal_attention(
     )?))
 }
 
+/// [`causal_attention`] straight from the packed projection `[q | k | v]` (B, T, (h + 2·kvh)·D)
+/// of positions 0..T, rotating queries (times `q_scale`) and keys with `cos`, `sin` (T, D/2)
+/// inside the op: no narrowed, transposed or rotated copies of q, k and v, forward or backward.
+/// `heads`: (h, kvh). None where [`causal_attention`] would decline, or for tables of other sizes.
+pub fn attention_packed(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    q_scale: f64,
+    (h, kvh): (usize, usize),
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let fits = cpu_f32(&[qkv, cos, sin])
+        && qkv.rank() == 3
+        && qkv.elem_count() > 0
+        && kvh > 0
+        && h % kvh == 0
+        && qkv.dim(2)? % (h + 2 * kvh) == 0
+        && window != Some(0);
+    if !fits {
+        return Ok(None);
+    }
+    let (t, d) = (qkv.dim(1)?, qkv.dim(2)? / (h + 2 * kvh));
+    if d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+        return Ok(None);
+    }
+    let op = attention::PackedAttention {
+        h,
+        kvh,
+        window,
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        q_scale: q_scale as f32,
+        keep: needs_grad(&[qkv]),
+        saved: std::sync::Mutex::new(None),
+    };
+    Ok(Some(qkv.contiguous()?.apply_op1(op)?))
+}
+
 /// SwiGLU of packed rows `[gate | up]` (…, 2·width) → (…, width): the output of one gate-and-up
 /// GEMM.
 pub fn swiglu_packed(gate_up: &Tensor, width: usize) -> Result<Tensor> {
@@ -480,6 +519,38 @@ mod tests {
             None
         )?
         .is_none());
+        Ok(())
+    }
+
+    /// The packed op against splitting, rotating and the op-by-op attention, values and the
+    /// packed gradient.
+    #[test]
+    fn packed_attention_matches_split_rotate_and_attend() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, kvh, t, d, window) in [(2, 6, 2, 150, 16, None), (1, 2, 2, 70, 8, Some(30))] {
+            let qkv = Tensor::randn(0f32, 1., (b, t, (h + 2 * kvh) * d), &dev)?;
+            let table = Tensor::randn(0f32, 1., (t, d / 2), &dev)?;
+            let (cos, sin) = (table.cos()?, table.sin()?);
+            let what = format!("packed attention {:?}", (b, h, kvh, t, d, window));
+            let (y, g) = value_and_grads(&[&qkv], |a| {
+                Ok(attention_packed(&a[0], &cos, &sin, 0.3, (h, kvh), window)?
+                    .expect("f32 CPU inputs take the op"))
+            })?;
+            let (y0, g0) = value_and_grads(&[&qkv], |a| {
+                let x = a[0].reshape((b, t, h + 2 * kvh, d))?;
+                let heads =
+                    |from: usize, n: usize| x.narrow(2, from, n)?.transpose(1, 2)?.contiguous();
+                let q = (candle_nn::rotary_emb::rope_slow(&heads(0, h)?, &cos, &sin)? * 0.3)?;
+                let k = candle_nn::rotary_emb::rope_slow(&heads(h, kvh)?, &cos, &sin)?;
+                attention_composite(&q, &k, &heads(h + kvh, kvh)?, window)
+            })?;
+            assert_close(&what, &y, &y0, 1e-5);
+            assert_close(&format!("{what} d[q|k|v]"), &g[0], &g0[0], 1e-4);
+        }
+        // Tables that do not fit the positions are declined.
+        let qkv = Tensor::randn(0f32, 1., (1, 5, 3 * 8), &dev)?;
+        let short = Tensor::zeros((4, 4), DType::F32, &dev)?;
+        assert!(attention_packed(&qkv, &short, &short, 1.0, (1, 1), None)?.is_none());
         Ok(())
     }
 
