@@ -9,7 +9,7 @@
 //! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
 //! only then and keeps candle's ops for other devices.
 
-use super::host_f32;
+use super::{gemm_f32, host_f32};
 use crate::vexp;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
@@ -278,5 +278,118 @@ impl CustomOp1 for SwiGluPacked {
             })
         })?;
         Ok(Some(cpu_tensor(dx, x.shape())?))
+    }
+}
+
+/// `y = x Wᵀ`: x (…, in), W (out, in) → (…, out); backward `dx = dy W`, `dW = dyᵀ x`, each one
+/// GEMM on candle's thread count, and only where a gradient flows.
+pub(super) struct Linear;
+
+impl Linear {
+    /// (rows, in, out) of x (…, in) and W (out, in).
+    fn sizes(x: &[usize], w: &[usize]) -> Result<(usize, usize, usize)> {
+        match (x.last(), w) {
+            (Some(&i), &[o, wi]) if i == wi => Ok((x.iter().product::<usize>() / i.max(1), i, o)),
+            _ => candle_core::bail!("linear: input {x:?} for weight {w:?}"),
+        }
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "distill-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (
+            host_f32(sx, lx, self.name())?,
+            host_f32(sw, lw, self.name())?,
+        );
+        let (rows, i, o) = Self::sizes(lx.dims(), lw.dims())?;
+        let mut y = vec![0f32; rows * o];
+        let threads = candle_core::utils::get_num_threads();
+        // y (rows×out) = x (rows×in) · Wᵀ (in×out): W's rows read as columns.
+        gemm_f32(
+            rows,
+            o,
+            i,
+            &mut y,
+            (1, o),
+            false,
+            x,
+            (1, i),
+            w,
+            (i, 1),
+            threads,
+        );
+        let mut dims = lx.dims().to_vec();
+        *dims.last_mut().expect("checked: at least one dimension") = o;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, i, o) = Self::sizes(x.dims(), w.dims())?;
+        let dy = dy.contiguous()?;
+        let threads = candle_core::utils::get_num_threads();
+        let name = self.name();
+        with_data(&dy, name, |g| {
+            let dx = if x.track_op() {
+                with_data(w, name, |w| {
+                    let mut dx = vec![0f32; rows * i];
+                    // dx (rows×in) = dy (rows×out) · W (out×in).
+                    gemm_f32(
+                        rows,
+                        i,
+                        o,
+                        &mut dx,
+                        (1, i),
+                        false,
+                        g,
+                        (1, o),
+                        w,
+                        (1, i),
+                        threads,
+                    );
+                    Ok(Some(cpu_tensor(dx, x.shape())?))
+                })?
+            } else {
+                None
+            };
+            let dw = if w.track_op() {
+                with_data(x, name, |x| {
+                    let mut dw = vec![0f32; o * i];
+                    // dW (out×in) = dyᵀ (out×rows) · x (rows×in).
+                    gemm_f32(
+                        o,
+                        i,
+                        rows,
+                        &mut dw,
+                        (1, i),
+                        false,
+                        g,
+                        (o, 1),
+                        x,
+                        (1, i),
+                        threads,
+                    );
+                    Ok(Some(cpu_tensor(dw, w.shape())?))
+                })?
+            } else {
+                None
+            };
+            Ok((dx, dw))
+        })
     }
 }

@@ -174,6 +174,25 @@ pub fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
     })?))
 }
 
+/// `x Wᵀ` over the last dimension of `x` (…, in) for a weight (out, in) → (…, out), as one op
+/// forward and backward: the GEMMs called directly, where candle's graph for it (reshape, a
+/// transposed weight, matmul, reshape) adds a zero-filled gradient accumulator and a pass for
+/// each of those nodes to every step's backward. None unless both are f32 CPU tensors of those
+/// shapes, or for a single row that needs no gradient ([`cpu_gemv`] serves that).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let fits = cpu_f32(&[x, w])
+        && w.rank() == 2
+        && x.rank() >= 1
+        && x.dims().last() == Some(&w.dim(1)?)
+        && (x.elem_count() / w.dim(1)?.max(1) > 1 || needs_grad(&[x, w]));
+    if !fits {
+        return Ok(None);
+    }
+    Ok(Some(
+        x.contiguous()?.apply_op2(&w.contiguous()?, grad::Linear)?,
+    ))
+}
+
 /// Causal self-attention at positions 0..T: `softmax(q kᵀ + mask) v` with `q` (B, h, T, D)
 /// rotated and already scaled, `k`, `v` (B, kvh, T, D), query head `i` reading KV head
 /// `i / (h / kvh)`, and position `p` seeing keys `p − window < j ≤ p` (`window` None: all up to
@@ -446,6 +465,34 @@ mod tests {
         assert_close("swiglu", &y, &y0, 1e-6);
         let g0 = Tensor::cat(&[&g0[0], &g0[1]], 1)?;
         assert_close("swiglu d[gate|up]", &g[0], &g0, 1e-5);
+        Ok(())
+    }
+
+    /// The one-op linear against candle's reshape, transpose and matmul: values, both gradients,
+    /// and a frozen weight (no weight gradient asked for).
+    #[test]
+    fn linear_matches_candle_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (3, 37, 40), &dev)?;
+        let w = Tensor::randn(0f32, 1., (29, 40), &dev)?;
+        let (y, g) = value_and_grads(&[&x, &w], |a| Ok(linear(&a[0], &a[1])?.expect("f32 CPU")))?;
+        let (y0, g0) = value_and_grads(&[&x, &w], |a| {
+            a[0].reshape((111, 40))?
+                .matmul(&a[1].t()?)?
+                .reshape((3, 37, 29))
+        })?;
+        assert_eq!(y.dims(), &[3, 37, 29]);
+        assert_close("linear", &y, &y0, 1e-5);
+        assert_close("linear dx", &g[0], &g0[0], 1e-5);
+        assert_close("linear dw", &g[1], &g0[1], 1e-5);
+        let xv = Var::from_tensor(&x)?;
+        let y = linear(xv.as_tensor(), &w)?.expect("f32 CPU");
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&w).is_none(), "a frozen weight gets no gradient");
+        assert!(grads.get(xv.as_tensor()).is_some());
+        // One row without a gradient is the GEMV's; a mismatched width is declined.
+        assert!(linear(&x.narrow(1, 0, 1)?.narrow(0, 0, 1)?, &w)?.is_none());
+        assert!(linear(&x, &w.narrow(1, 0, 39)?)?.is_none());
         Ok(())
     }
 
