@@ -471,7 +471,7 @@ impl PackedAttention {
         let (ss, ls) = self.sin.storage_and_layout();
         let (cos, sin) = (data(&sc, lc, name)?, data(&ss, ls, name)?);
         let half = g.d / 2;
-        if g.d % 2 != 0 || cos.len() != g.t * half || sin.len() != g.t * half {
+        if !g.d.is_multiple_of(2) || cos.len() != g.t * half || sin.len() != g.t * half {
             candle_core::bail!(
                 "packed attention: rotary tables of {} for T = {}, D = {}",
                 cos.len(),
