@@ -82,7 +82,6 @@ pub fn topk_from_hidden(
     let (b, t, h) = hidden.dims3()?;
     let rows = b * t;
     let hidden = hidden.reshape((rows, h))?;
-    let w = model.lm_head_weight().t()?;
     let v = model.config().vocab_size;
     let k = k.min(v);
     let mut out_ids = vec![0u32; rows * k];
@@ -90,9 +89,8 @@ pub fn topk_from_hidden(
     let mut out_lse = vec![0f32; rows];
     for r0 in (0..rows).step_by(LOGIT_ROWS) {
         let n = LOGIT_ROWS.min(rows - r0);
-        let logits = hidden
-            .narrow(0, r0, n)?
-            .matmul(&w)?
+        let logits = model
+            .logits(&hidden.narrow(0, r0, n)?)?
             .to_dtype(DType::F32)?
             .to_device(&candle_core::Device::Cpu)?;
         // Read in place (a 50 MB chunk is not worth a copy).

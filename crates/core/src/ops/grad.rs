@@ -9,7 +9,7 @@
 //! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
 //! only then and keeps candle's ops for other devices.
 
-use super::{gemm_f32, host_f32};
+use super::{gemm_f32_alloc, host_f32};
 use crate::vexp;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
@@ -312,22 +312,9 @@ impl CustomOp2 for Linear {
             host_f32(sw, lw, self.name())?,
         );
         let (rows, i, o) = Self::sizes(lx.dims(), lw.dims())?;
-        let mut y = vec![0f32; rows * o];
         let threads = candle_core::utils::get_num_threads();
         // y (rows×out) = x (rows×in) · Wᵀ (in×out): W's rows read as columns.
-        gemm_f32(
-            rows,
-            o,
-            i,
-            &mut y,
-            (1, o),
-            false,
-            x,
-            (1, i),
-            w,
-            (i, 1),
-            threads,
-        );
+        let y = gemm_f32_alloc((rows, o, i), x, (1, i), w, (i, 1), threads);
         let mut dims = lx.dims().to_vec();
         *dims.last_mut().expect("checked: at least one dimension") = o;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -347,21 +334,8 @@ impl CustomOp2 for Linear {
         with_data(&dy, name, |g| {
             let dx = if x.track_op() {
                 with_data(w, name, |w| {
-                    let mut dx = vec![0f32; rows * i];
                     // dx (rows×in) = dy (rows×out) · W (out×in).
-                    gemm_f32(
-                        rows,
-                        i,
-                        o,
-                        &mut dx,
-                        (1, i),
-                        false,
-                        g,
-                        (1, o),
-                        w,
-                        (1, i),
-                        threads,
-                    );
+                    let dx = gemm_f32_alloc((rows, i, o), g, (1, o), w, (1, i), threads);
                     Ok(Some(cpu_tensor(dx, x.shape())?))
                 })?
             } else {
@@ -369,21 +343,8 @@ impl CustomOp2 for Linear {
             };
             let dw = if w.track_op() {
                 with_data(x, name, |x| {
-                    let mut dw = vec![0f32; o * i];
                     // dW (out×in) = dyᵀ (out×rows) · x (rows×in).
-                    gemm_f32(
-                        o,
-                        i,
-                        rows,
-                        &mut dw,
-                        (1, i),
-                        false,
-                        g,
-                        (o, 1),
-                        x,
-                        (1, i),
-                        threads,
-                    );
+                    let dw = gemm_f32_alloc((o, i, rows), g, (o, 1), x, (1, i), threads);
                     Ok(Some(cpu_tensor(dw, w.shape())?))
                 })?
             } else {

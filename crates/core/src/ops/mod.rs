@@ -98,6 +98,63 @@ pub fn gemm_f32(
     }
 }
 
+/// A new (m×n) row-major `lhs (m×k) · rhs (k×n)`: [`gemm_f32`] into fresh memory that is not
+/// zero-filled first (every element is written by the product), where a zeroed `Vec` would cost
+/// a pass over it — for a layer's activations, or a 50 MB logits chunk, a pass not worth paying.
+pub fn gemm_f32_alloc(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: &[f32],
+    (rhs_cs, rhs_rs): (usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    assert!(
+        lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "gemm: lhs too short"
+    );
+    assert!(
+        rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
+        "gemm: rhs too short"
+    );
+    let par = match threads {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: lhs and rhs hold every element the GEMM reads (checked above); dst has room for
+    // m·n floats at row stride n, which the GEMM writes without reading (`read_dst` false), each
+    // of them (k > 0), before `set_len` makes them visible; it aliases nothing.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+        dst.set_len(m * n);
+    }
+    dst
+}
+
 fn needs_grad(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
@@ -466,6 +523,37 @@ mod tests {
         let g0 = Tensor::cat(&[&g0[0], &g0[1]], 1)?;
         assert_close("swiglu d[gate|up]", &g[0], &g0, 1e-5);
         Ok(())
+    }
+
+    /// A product into fresh memory equals the one into zeroed memory, transposed operands and an
+    /// empty inner dimension included.
+    #[test]
+    fn gemm_into_fresh_memory_equals_gemm_into_zeros() {
+        let (m, n, k) = (37, 53, 29);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        for (threads, a_strides, b_strides) in [(1, (1, k), (1, n)), (2, (m, 1), (k, 1))] {
+            let mut want = vec![0f32; m * n];
+            gemm_f32(
+                m,
+                n,
+                k,
+                &mut want,
+                (1, n),
+                false,
+                &a,
+                a_strides,
+                &b,
+                b_strides,
+                threads,
+            );
+            let got = gemm_f32_alloc((m, n, k), &a, a_strides, &b, b_strides, threads);
+            assert_eq!(got, want);
+        }
+        assert_eq!(
+            gemm_f32_alloc((3, 4, 0), &[], (1, 0), &[], (1, 4), 1),
+            vec![0f32; 12]
+        );
     }
 
     /// The one-op linear against candle's reshape, transpose and matmul: values, both gradients,
