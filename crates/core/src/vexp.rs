@@ -321,6 +321,25 @@ multiversion! {
 }
 
 multiversion! {
+    /// `Σ x²`: f32 lanes over blocks of [`BLOCK`] elements, blocks added in f64 (as [`sum_exp`]).
+    pub fn sum_squares(x: &[f32]) -> f64 {
+        let mut total = 0f64;
+        for xb in x.chunks(BLOCK) {
+            let mut acc = [0f32; L];
+            let full = xb.len() / L * L;
+            for c in xb[..full].chunks_exact(L) {
+                for l in 0..L {
+                    acc[l] += c[l] * c[l];
+                }
+            }
+            let tail: f32 = xb[full..].iter().map(|v| v * v).sum();
+            total += acc.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
+        }
+        total
+    }
+}
+
+multiversion! {
     /// `out *= c`.
     pub fn scale(out: &mut [f32], c: f32) {
         for o in out.iter_mut() {
@@ -458,6 +477,20 @@ pub fn lse(x: &[f32], a: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sum_squares_matches_f64_and_squared_half_exponentials_give_the_lse() {
+        // 2,500 values: two full blocks and a remainder past the 16-lane chunks.
+        let x: Vec<f32> = (0..2500).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let want: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        assert!((sum_squares(&x) - want).abs() <= 1e-6 * want);
+        // exp(x/2 − max/2)² summed is the logsumexp at 1 (the loss's τ = 2 shortcut).
+        let m = 0.5 * max(&x);
+        let mut e = vec![0f32; x.len()];
+        exp_sum_into(&x, 0.5, -m, &mut e);
+        let shortcut = 2.0 * m + sum_squares(&e).ln() as f32;
+        assert!((shortcut - lse(&x, 1.0)).abs() <= 2e-6, "{shortcut} vs {}", lse(&x, 1.0));
+    }
 
     #[test]
     fn exp_is_within_two_ulp_of_f64_over_its_range() {

@@ -269,7 +269,9 @@ impl KdOp {
         // exponentiated once into `out`, its sum is the one `lse` takes (bit for bit), and the
         // gradient is that row scaled, below — one pass of exponentials where two were.
         let fkl = matches!(self.kind, KdKind::ForwardKl | KdKind::Jsd { beta: 0.0 });
+        // Σ exp(s/τ − m) and m, where `out` holds those exponentials.
         let mut soft_sum = None;
+        let mut soft_shift = 0f32;
         let lse_tau = match (saved, out.as_deref_mut()) {
             (Some(sv), _) => sv[2],
             (None, Some(o)) if (t.is_none() && self.sparse.is_some()) || (t.is_some() && fkl) => {
@@ -280,15 +282,22 @@ impl KdOp {
                 } else {
                     let sum = vexp::exp_sum_into(s, 1.0 / tau, -m, &mut o[..v]);
                     soft_sum = Some(sum);
+                    soft_shift = m;
                     m + sum.ln() as f32
                 }
             }
             (None, _) => vexp::lse(s, 1.0 / tau),
         };
-        let lse_one = match saved {
-            Some(sv) => sv[3],
-            None if tau == 1.0 => lse_tau,
-            None => vexp::lse(s, 1.0),
+        let lse_one = match (saved, out.as_deref(), soft_sum) {
+            (Some(sv), _, _) => sv[3],
+            _ if tau == 1.0 => lse_tau,
+            // At τ = 2 the exponentials in `out` squared are the ones at 1: exp(s − max) =
+            // exp(s/2 − max/2)², and m = max/2 exactly (a halving). A pass of products where
+            // `lse` would take one of exponentials (the CE term's, a metric unless weighted).
+            (None, Some(o), Some(_)) if tau == 2.0 => {
+                2.0 * soft_shift + vexp::sum_squares(&o[..v]).ln() as f32
+            }
+            _ => vexp::lse(s, 1.0),
         };
         let mut tlse_out = 0f32;
         let label = label as usize;
