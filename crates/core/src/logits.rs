@@ -6,23 +6,44 @@
 /// blocks added in f64: [`crate::vexp::lse`]).
 pub fn row_topk(row: &[f32], ids: &mut [u32], logprobs: &mut [f32]) -> f32 {
     let k = ids.len().min(row.len());
-    let lse = crate::vexp::lse(row, 1.0);
     if k == 0 {
-        return lse;
+        return crate::vexp::lse(row, 1.0);
     }
-    // A sorted (descending) list of the best k; most candidates fail the first comparison.
+    // A sorted (descending) list of the best k. Once it is full, a block of 16 candidates is
+    // looked at only if one of them beats the k-th best (a branch-free test the compiler
+    // vectorises): most blocks of a 49,152-wide row fail it.
     let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-    for (i, &x) in row.iter().enumerate() {
+    for (c, block) in row.chunks(16).enumerate() {
         if best.len() == k {
-            // (NaN never enters: it compares false.)
-            if x.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater) {
+            let kth = best[k - 1].0;
+            if !block.iter().fold(false, |any, &x| any | (x > kth)) {
                 continue;
             }
-            best.pop();
         }
-        let at = best.partition_point(|b| b.0 >= x);
-        best.insert(at, (x, i as u32));
+        for (j, &x) in block.iter().enumerate() {
+            if best.len() == k {
+                // (NaN never enters a full list: it compares false.)
+                if x.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater) {
+                    continue;
+                }
+                best.pop();
+            }
+            let at = best.partition_point(|b| b.0 >= x);
+            best.insert(at, (x, (c * 16 + j) as u32));
+        }
     }
+    // The best is the row's largest, which `lse` would look for in a pass of its own (unless a
+    // NaN took a place in the list before it was full).
+    let lse = if best.iter().any(|b| b.0.is_nan()) {
+        crate::vexp::lse(row, 1.0)
+    } else {
+        let m = best[0].0;
+        if m == f32::NEG_INFINITY {
+            m
+        } else {
+            m + crate::vexp::sum_exp(row, 1.0, -m).ln() as f32
+        }
+    };
     for (j, (x, i)) in best.into_iter().enumerate() {
         ids[j] = i;
         logprobs[j] = x - lse;
@@ -53,5 +74,27 @@ mod tests {
             assert_eq!(lp, row[i as usize] - lse);
         }
         assert!(lps.windows(2).all(|w| w[0] >= w[1]));
+        assert_eq!(
+            lse,
+            crate::vexp::lse(&row, 1.0),
+            "the same logsumexp as `lse`"
+        );
+    }
+
+    #[test]
+    fn topk_of_a_long_row_is_the_sorted_prefix() {
+        // 5,003 values with many repeats (ties resolved by id) and a remainder block of 11.
+        let row: Vec<f32> = (0..5003)
+            .map(|i| (((i * 7919) % 1000) as f32 * 0.01).round())
+            .collect();
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for k in [1, 16, 64] {
+            let (mut ids, mut lps) = (vec![0u32; k], vec![0f32; k]);
+            let lse = row_topk(&row, &mut ids, &mut lps);
+            let want: Vec<u32> = order[..k].iter().map(|&i| i as u32).collect();
+            assert_eq!(ids, want, "k = {k}");
+            assert_eq!(lse, crate::vexp::lse(&row, 1.0));
+        }
     }
 }

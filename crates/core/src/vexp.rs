@@ -489,7 +489,11 @@ mod tests {
         let mut e = vec![0f32; x.len()];
         exp_sum_into(&x, 0.5, -m, &mut e);
         let shortcut = 2.0 * m + sum_squares(&e).ln() as f32;
-        assert!((shortcut - lse(&x, 1.0)).abs() <= 2e-6, "{shortcut} vs {}", lse(&x, 1.0));
+        assert!(
+            (shortcut - lse(&x, 1.0)).abs() <= 2e-6,
+            "{shortcut} vs {}",
+            lse(&x, 1.0)
+        );
     }
 
     #[test]
