@@ -351,8 +351,12 @@ impl Attention {
         };
         // A whole sequence from position 0 (training, the teacher's cache, eval, prefill without
         // a cache) on the CPU: one GEMM for q, k and v and one op from its output on.
+        // The op builds its own mask, the plain causal one of `self.window`: that is the mask of
+        // every cache-less forward from position 0 (`CausalLm::masks`); padded masks always come
+        // with a cache (`forward_cached_padded`).
         let whole = cache.is_none() && pos == 0;
-        if whole && self.qk_norm.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 {
+        let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+        if whole && self.qk_norm.is_none() && cpu && d.is_multiple_of(2) {
             let (cos, sin) = rope.tables(0, t)?;
             let packed = self.qkv.forward_packed(x)?;
             let heads = (h, kvh);

@@ -8,6 +8,11 @@
 //! ones for n blocks: 62.5% at T = 256. Each (sequence, KV head) is one parallel task owning its
 //! query heads' rows, its keys' and values' gradients, and its probabilities (kept for the
 //! backward): results do not depend on the thread count, and resumed runs stay bit-identical.
+//!
+//! Non-finite values: a NaN among the scores a position sees makes its row NaN, as the masked
+//! softmax did; keys it cannot see never reach it. Values are read through the block's
+//! probabilities, whose hidden entries are 0, so a NaN in a value row past a position but inside
+//! its block of 64 still reaches it (0 · NaN) — the loss is NaN either way.
 
 use super::{gemm_f32, host_f32};
 use crate::vexp;

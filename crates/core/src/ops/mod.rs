@@ -239,6 +239,7 @@ pub fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let fits = cpu_f32(&[x, w])
         && w.rank() == 2
+        && w.dim(1)? > 0
         && x.rank() >= 1
         && x.dims().last() == Some(&w.dim(1)?)
         && (x.elem_count() / w.dim(1)?.max(1) > 1 || needs_grad(&[x, w]));
@@ -686,6 +687,27 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1., (1, 5, 3 * 8), &dev)?;
         let short = Tensor::zeros((4, 4), DType::F32, &dev)?;
         assert!(attention_packed(&qkv, &short, &short, 1.0, (1, 1), None)?.is_none());
+        Ok(())
+    }
+
+    /// What a position cannot see does not reach it, NaN included; a NaN it sees makes it NaN.
+    #[test]
+    fn causal_attention_keeps_hidden_nans_out_and_visible_ones_in() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, d) = (130, 8);
+        let q = Tensor::randn(0f32, 1., (1, 1, t, d), &dev)?;
+        // A NaN key at position 100: positions before it (in earlier blocks) are finite, it and
+        // every later position NaN.
+        let mut kv = Tensor::randn(0f32, 1., (t, d), &dev)?.to_vec2::<f32>()?;
+        kv[100][3] = f32::NAN;
+        let k = Tensor::new(kv, &dev)?.reshape((1, 1, t, d))?;
+        let v = Tensor::randn(0f32, 1., (1, 1, t, d), &dev)?;
+        let y = causal_attention(&q, &k, &v, None)?
+            .expect("the op")
+            .to_vec3::<f32>()?;
+        for (p, row) in y[0].iter().enumerate() {
+            assert_eq!(row.iter().any(|x| x.is_nan()), p >= 100, "position {p}");
+        }
         Ok(())
     }
 
