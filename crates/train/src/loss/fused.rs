@@ -1,7 +1,7 @@
 //! The output projection fused with the distillation loss, in row chunks: no (N, V) logits or
 //! logit-gradient tensor ever exists, forward or backward.
 //!
-//! For a chunk of `c` rows (≈ 32 MiB of logits): `z = h W^T` (one GEMM), the loss value of each
+//! For a chunk of `c` rows (≈ 128 MiB of logits): `z = h W^T` (one GEMM), the loss value of each
 //! row and its gradient `dz` by the same per-row code as [`KdOp`] (so values and gradients are the
 //! ones the tested op gives), then `dh = dz W` and `dW += dz^T h` (two GEMMs). The gradient is
 //! taken in the forward pass (as Liger-Kernel's fused linear cross-entropy does): the loss is the
@@ -17,8 +17,11 @@ use distill_core::{Result, TeacherTargets};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-/// Bytes of logits one chunk holds (two such buffers: logits and their gradient).
-const CHUNK_BYTES: usize = 32 << 20;
+/// Bytes of logits one chunk holds (two such buffers: logits and their gradient). Each chunk's
+/// three GEMMs pack the whole projection again, so fewer, taller chunks pack it less often:
+/// 682 rows at V = 49,152 against 170 at 32 MiB, +13% on the 4L/256 student's step for ≈ 0.2 GB
+/// more peak RSS (BENCHMARKS.md, fourth pass).
+const CHUNK_BYTES: usize = 128 << 20;
 
 /// Rows per chunk for a vocabulary of `v`: ≈ [`CHUNK_BYTES`], at least 16 rows.
 fn chunk_rows(v: usize, n: usize) -> usize {
@@ -30,7 +33,7 @@ pub fn fused_buffer_bytes(v: usize, rows: usize) -> usize {
     2 * 4 * v * chunk_rows(v, rows)
 }
 
-/// Chunk buffers kept between steps: a fresh 32 MiB buffer costs the kernel's page zeroing on
+/// Chunk buffers kept between steps: a fresh 128 MiB buffer costs the kernel's page zeroing on
 /// every step, a kept one does not.
 static SCRATCH: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
