@@ -67,35 +67,60 @@ pub fn gemm_f32(
     if m == 0 || n == 0 {
         return;
     }
+    // SAFETY: every element the GEMM touches lies inside the slices (checked above), dst is
+    // borrowed mutably and so does not alias lhs or rhs.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            (dst_cs, dst_rs),
+            accumulate,
+            (lhs, lhs_cs, lhs_rs),
+            (rhs, rhs_cs, rhs_rs),
+            threads,
+        )
+    }
+}
+
+/// gemm's f32 call: `dst := [dst +] lhs · rhs` on `threads` threads.
+///
+/// # Safety
+/// Every element of the three operands the strides reach must lie in memory the pointers own,
+/// `dst` must not alias `lhs` or `rhs`, and when `accumulate` is set `dst` must be initialised.
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_cs, dst_rs): (usize, usize),
+    accumulate: bool,
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
+    threads: usize,
+) {
     let par = match threads {
         0 | 1 => gemm::Parallelism::None,
         t => gemm::Parallelism::Rayon(t),
     };
-    // SAFETY: every element the GEMM touches lies inside the slices (checked above), dst is
-    // borrowed mutably and so does not alias lhs or rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// A new (m×n) row-major `lhs (m×k) · rhs (k×n)`: [`gemm_f32`] into fresh memory that is not
@@ -120,35 +145,19 @@ pub fn gemm_f32_alloc(
         rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
         "gemm: rhs too short"
     );
-    let par = match threads {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    };
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: lhs and rhs hold every element the GEMM reads (checked above); dst has room for
     // m·n floats at row stride n, which the GEMM writes without reading (`read_dst` false), each
     // of them (k > 0), before `set_len` makes them visible; it aliases nothing.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_raw(
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            (1, n),
             false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
+            (lhs, lhs_cs, lhs_rs),
+            (rhs, rhs_cs, rhs_rs),
+            threads,
         );
         dst.set_len(m * n);
     }
