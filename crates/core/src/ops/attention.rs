@@ -14,11 +14,9 @@
 //! probabilities, whose hidden entries are 0, so a NaN in a value row past a position but inside
 //! its block of 64 still reaches it (0 · NaN) — the loss is NaN either way.
 
-use super::{gemm_f32, host_f32};
+use super::{gemm_f32, host_f32, storage_f32};
 use crate::vexp;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -160,6 +158,14 @@ fn task_forward(
     }
 }
 
+/// [`task_forward`] into new buffers: the task's output (rep, T, D) and probabilities.
+fn task_outputs(g: &Geom, q: &[f32], k: &[f32], v: (&[f32], usize)) -> (Vec<f32>, Vec<f32>) {
+    let mut o = vec![0f32; g.rep() * g.t * g.d];
+    let mut probs = vec![0f32; g.rep() * g.probs_per_head()];
+    task_forward(g, q, k, v, &mut o, &mut probs);
+    (o, probs)
+}
+
 /// One (sequence, KV head)'s backward from its inputs (as [`task_forward`]'s), its probabilities
 /// `probs` and the output gradient `dy` (B, T, h·D) read at `head0`, the group's first query
 /// head, of sequence `b`: `dq` (rep, T, D), `dk`, `dv` (T, D), which must come in zeroed.
@@ -278,21 +284,15 @@ impl CausalAttention {
         v: &[f32],
     ) -> Vec<(Vec<f32>, Vec<f32>)> {
         let (td, rep) = (g.t * g.d, g.rep());
-        let per_task = rep * g.probs_per_head();
         (0..g.b * g.kvh)
             .into_par_iter()
             .map(|task| {
-                let mut o = vec![0f32; rep * td];
-                let mut probs = vec![0f32; per_task];
-                task_forward(
+                task_outputs(
                     g,
                     &q[task * rep * td..(task + 1) * rep * td],
                     &k[task * td..(task + 1) * td],
                     (&v[task * td..(task + 1) * td], g.d),
-                    &mut o,
-                    &mut probs,
-                );
-                (o, probs)
+                )
             })
             .collect()
     }
@@ -317,13 +317,6 @@ fn heads_side_by_side<'a>(g: &Geom, o: impl Fn(usize) -> &'a [f32] + Sync) -> Ve
             }
         });
     out
-}
-
-fn data<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => host_f32(c, l, what),
-        _ => candle_core::bail!("{what}: CPU tensors only"),
-    }
 }
 
 impl CustomOp3 for CausalAttention {
@@ -372,10 +365,10 @@ impl CustomOp3 for CausalAttention {
         let (sv, lv) = v.storage_and_layout();
         let (sg, lg) = dy.storage_and_layout();
         let (qd, kd, vd, gd) = (
-            data(&sq, lq, name)?,
-            data(&sk, lk, name)?,
-            data(&sv, lv, name)?,
-            data(&sg, lg, name)?,
+            storage_f32(&sq, lq, name)?,
+            storage_f32(&sk, lk, name)?,
+            storage_f32(&sv, lv, name)?,
+            storage_f32(&sg, lg, name)?,
         );
         let saved = self
             .saved
@@ -474,7 +467,7 @@ impl PackedAttention {
         let name = "distill-packed-attention";
         let (sc, lc) = self.cos.storage_and_layout();
         let (ss, ls) = self.sin.storage_and_layout();
-        let (cos, sin) = (data(&sc, lc, name)?, data(&ss, ls, name)?);
+        let (cos, sin) = (storage_f32(&sc, lc, name)?, storage_f32(&ss, ls, name)?);
         let half = g.d / 2;
         if !g.d.is_multiple_of(2) || cos.len() != g.t * half || sin.len() != g.t * half {
             candle_core::bail!(
@@ -497,7 +490,6 @@ impl PackedAttention {
     ) -> Vec<(Vec<f32>, PackedTask)> {
         let (t, d, rep) = (g.t, g.d, g.rep());
         let (w, half) = ((g.h + 2 * g.kvh) * d, d / 2);
-        let per_task = rep * g.probs_per_head();
         (0..g.b * g.kvh)
             .into_par_iter()
             .map(|task| {
@@ -519,9 +511,7 @@ impl PackedAttention {
                 let mut k = vec![0f32; t * d];
                 rotate((g.h + gi) * d, 1.0, &mut k);
                 let (v0, vs) = Self::values(g, task);
-                let mut o = vec![0f32; rep * t * d];
-                let mut probs = vec![0f32; per_task];
-                task_forward(g, &q, &k, (&x[v0..], vs), &mut o, &mut probs);
+                let (o, probs) = task_outputs(g, &q, &k, (&x[v0..], vs));
                 (o, PackedTask { q, k, probs })
             })
             .collect()
@@ -551,7 +541,7 @@ impl CustomOp1 for PackedAttention {
         let dy = dy.contiguous()?;
         let (sx, lx) = x.storage_and_layout();
         let (sg, lg) = dy.storage_and_layout();
-        let (xd, gd) = (data(&sx, lx, name)?, data(&sg, lg, name)?);
+        let (xd, gd) = (storage_f32(&sx, lx, name)?, storage_f32(&sg, lg, name)?);
         let saved = self.saved.lock().expect("attention's saved state").take();
         let states = match saved {
             Some(s) => s,

@@ -9,11 +9,9 @@
 //! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
 //! only then and keeps candle's ops for other devices.
 
-use super::{gemm_f32_alloc, host_f32};
+use super::{gemm_f32_alloc, host_f32, storage_f32};
 use crate::vexp;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel task: enough work to amortise the dispatch, small enough to balance.
@@ -22,10 +20,7 @@ const ROWS_PER_TASK: usize = 32;
 /// Runs `f` over the data of a contiguous f32 CPU tensor, under its storage's read lock.
 fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(c) => f(host_f32(c, layout, op)?),
-        _ => candle_core::bail!("{op}: CPU tensors only"),
-    }
+    f(storage_f32(&storage, layout, op)?)
 }
 
 fn cpu_tensor(data: Vec<f32>, shape: &Shape) -> Result<Tensor> {

@@ -27,6 +27,29 @@ pub fn host_f32<'a>(
     }
 }
 
+/// [`host_f32`] of a storage that must be on the CPU: the kernels' inputs, read under the lock
+/// their tensor's `storage_and_layout` holds.
+fn storage_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => host_f32(c, l, what),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
+}
+
+/// The last element a (rows × cols) operand with column stride `cs` and row stride `rs` reaches,
+/// plus one: how long its slice must be.
+fn span(cs: usize, rs: usize, rows: usize, cols: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
 /// dst (m×n) := [dst +] lhs (m×k) · rhs (k×n), each given by its column and row strides, on
 /// `threads` threads (1: this one). The f32 GEMM of the kernels that call gemm themselves: the
 /// fused lm-head loss and the causal attention.
@@ -44,30 +67,16 @@ pub fn gemm_f32(
     (rhs_cs, rhs_rs): (usize, usize),
     threads: usize,
 ) {
-    let last = |cs: usize, rs: usize, rows: usize, cols: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    // The bounds the GEMM reads and writes, checked once so that the raw call below is sound.
+    // The bounds the GEMM writes, checked once so that the raw call below is sound (it checks
+    // what it reads).
     assert!(
-        dst.len() >= last(dst_cs, dst_rs, m, n),
+        dst.len() >= span(dst_cs, dst_rs, m, n),
         "gemm: dst too short"
-    );
-    assert!(
-        lhs.len() >= last(lhs_cs, lhs_rs, m, k),
-        "gemm: lhs too short"
-    );
-    assert!(
-        rhs.len() >= last(rhs_cs, rhs_rs, k, n),
-        "gemm: rhs too short"
     );
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: every element the GEMM touches lies inside the slices (checked above), dst is
+    // SAFETY: every element of dst the GEMM writes lies inside it (checked above), and dst is
     // borrowed mutably and so does not alias lhs or rhs.
     unsafe {
         gemm_raw(
@@ -84,9 +93,11 @@ pub fn gemm_f32(
 
 /// gemm's f32 call: `dst := [dst +] lhs · rhs` on `threads` threads.
 ///
+/// Panics when `lhs` or `rhs` is shorter than its strides reach.
+///
 /// # Safety
-/// Every element of the three operands the strides reach must lie in memory the pointers own,
-/// `dst` must not alias `lhs` or `rhs`, and when `accumulate` is set `dst` must be initialised.
+/// Every element of `dst` the strides reach must lie in memory it owns, `dst` must not alias
+/// `lhs` or `rhs`, and when `accumulate` is set `dst` must be initialised.
 unsafe fn gemm_raw(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
@@ -96,6 +107,14 @@ unsafe fn gemm_raw(
     (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
     threads: usize,
 ) {
+    assert!(
+        lhs.len() >= span(lhs_cs, lhs_rs, m, k),
+        "gemm: lhs too short"
+    );
+    assert!(
+        rhs.len() >= span(rhs_cs, rhs_rs, k, n),
+        "gemm: rhs too short"
+    );
     let par = match threads {
         0 | 1 => gemm::Parallelism::None,
         t => gemm::Parallelism::Rayon(t),
@@ -137,16 +156,8 @@ pub fn gemm_f32_alloc(
     if m == 0 || n == 0 || k == 0 {
         return vec![0f32; m * n];
     }
-    assert!(
-        lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
-        "gemm: lhs too short"
-    );
-    assert!(
-        rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
-        "gemm: rhs too short"
-    );
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: lhs and rhs hold every element the GEMM reads (checked above); dst has room for
+    // SAFETY: (gemm_raw checks that lhs and rhs hold every element it reads.) dst has room for
     // m·n floats at row stride n, which the GEMM writes without reading (`read_dst` false), each
     // of them (k > 0), before `set_len` makes them visible; it aliases nothing.
     unsafe {
@@ -460,6 +471,29 @@ mod tests {
         Ok((y.detach(), gs))
     }
 
+    /// Runs `run` on pools of 1 and 3 threads and asserts every output bit-identical; returns
+    /// how many outputs there were.
+    fn same_on_1_and_3_threads(
+        run: impl Fn() -> Result<Vec<Tensor>> + Send + Sync,
+    ) -> Result<usize> {
+        let pool = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool")
+        };
+        let one = pool(1).install(&run)?;
+        let three = pool(3).install(&run)?;
+        for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+            assert_eq!(
+                max_diff(a, b),
+                0.0,
+                "output {i} differs between 1 and 3 threads"
+            );
+        }
+        Ok(one.len())
+    }
+
     fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
         let scale = b
             .abs()
@@ -733,21 +767,7 @@ mod tests {
             })?;
             Ok(std::iter::once(y).chain(g).collect())
         };
-        let pool = |n| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .expect("a thread pool")
-        };
-        let one = pool(1).install(run)?;
-        let three = pool(3).install(run)?;
-        for (i, (a, b)) in one.iter().zip(&three).enumerate() {
-            assert_eq!(
-                max_diff(a, b),
-                0.0,
-                "output {i} differs between 1 and 3 threads"
-            );
-        }
+        same_on_1_and_3_threads(run)?;
         Ok(())
     }
 
@@ -781,22 +801,7 @@ mod tests {
     #[test]
     fn kernels_are_deterministic_across_thread_counts() -> Result<()> {
         let dev = Device::Cpu;
-        let pool = |n| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .expect("a thread pool")
-        };
-        let one = pool(1).install(|| all_kernels(&dev))?;
-        let three = pool(3).install(|| all_kernels(&dev))?;
-        assert_eq!(one.len(), 9);
-        for (i, (a, b)) in one.iter().zip(&three).enumerate() {
-            assert_eq!(
-                max_diff(a, b),
-                0.0,
-                "output {i} differs between 1 and 3 threads"
-            );
-        }
+        assert_eq!(same_on_1_and_3_threads(|| all_kernels(&dev))?, 9);
         Ok(())
     }
 

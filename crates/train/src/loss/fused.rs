@@ -13,6 +13,7 @@ use super::{
     check_labels, f32_slice, kd_op, teacher_rows, KdOp, LossConfig, LossParts, IGNORE, ROW_OUT,
 };
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use distill_core::ops::gemm_f32;
 use distill_core::{Result, TeacherTargets};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -72,35 +73,6 @@ struct LmHeadKd {
     saved: Arc<Mutex<Saved>>,
 }
 
-/// The shared GEMM with candle's thread count.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_strides: (usize, usize),
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_strides: (usize, usize),
-    rhs: &[f32],
-    rhs_strides: (usize, usize),
-) {
-    distill_core::ops::gemm_f32(
-        m,
-        n,
-        k,
-        dst,
-        dst_strides,
-        accumulate,
-        lhs,
-        lhs_strides,
-        rhs,
-        rhs_strides,
-        candle_core::utils::get_num_threads(),
-    )
-}
-
 impl LmHeadKd {
     /// The shared vocabulary of a row: the ids that take part (as [`KdOp::row`] computes it).
     fn shared_vocab(&self, vs: usize, vt: Option<usize>) -> usize {
@@ -123,6 +95,7 @@ impl LmHeadKd {
     ) -> [f32; 3] {
         let n = h.len() / d.max(1);
         let c = self.chunk.clamp(1, n.max(1));
+        let threads = candle_core::utils::get_num_threads();
         let train = self.need_dh || self.need_dw;
         let vshared = self.shared_vocab(v, t.map(|(_, vt)| vt));
         let mut z = take_scratch(c * v);
@@ -146,7 +119,19 @@ impl LmHeadKd {
             let m = c.min(n - r0);
             let hc = &h[r0 * d..(r0 + m) * d];
             // z (m×V) = h_c (m×d) · W^T (d×V).
-            gemm_f32(m, v, d, &mut z, (1, v), false, hc, (1, d), w, (d, 1));
+            gemm_f32(
+                m,
+                v,
+                d,
+                &mut z,
+                (1, v),
+                false,
+                hc,
+                (1, d),
+                w,
+                (d, 1),
+                threads,
+            );
             let body = |i: usize, s: &[f32], o: Option<&mut [f32]>, out: &mut [f32; ROW_OUT]| {
                 let r = r0 + i;
                 let trow = t.map(|(t, vt)| &t[r * vt..(r + 1) * vt]);
@@ -181,11 +166,23 @@ impl LmHeadKd {
             if self.need_dh {
                 // dh_c (m×d) = dz (m×V) · W (V×d).
                 let dhc = &mut dh[r0 * d..(r0 + m) * d];
-                gemm_f32(m, d, v, dhc, (1, d), false, &dz, (1, v), w, (1, d));
+                gemm_f32(m, d, v, dhc, (1, d), false, &dz, (1, v), w, (1, d), threads);
             }
             if self.need_dw {
                 // dW (V×d) += dz^T (V×m) · h_c (m×d).
-                gemm_f32(v, d, m, &mut dw, (1, d), r0 > 0, &dz, (v, 1), hc, (1, d));
+                gemm_f32(
+                    v,
+                    d,
+                    m,
+                    &mut dw,
+                    (1, d),
+                    r0 > 0,
+                    &dz,
+                    (v, 1),
+                    hc,
+                    (1, d),
+                    threads,
+                );
             }
         }
         give_scratch(z);
