@@ -306,7 +306,7 @@ impl Setup {
             rows * (12 * h + 4 * ff) * 4 + t.batch_size as u64 * heads * seq * seq * 4 * 3;
         let v = student.vocab_size as u64;
         // On the CPU the output projection is fused with the loss: two chunk buffers and the
-        // projection's gradient; elsewhere the student logits, their gradient and the backward's
+        // projection's gradient (accumulated transposed, then transposed: twice); elsewhere the student logits, their gradient and the backward's
         // temporaries. Dense teacher logits when the teacher runs online.
         let dense_teacher = matches!(self.targets, Targets::Live { top_k: 0, .. });
         let student_logits = if self.device.is_cpu() {
@@ -314,7 +314,7 @@ impl Setup {
             let dw = if self.cfg.student.freeze_embeddings {
                 0
             } else {
-                v * h * 4
+                2 * v * h * 4
             };
             crate::loss::fused_buffer_bytes(v as usize, rows as usize) as u64 + dw
         } else {

@@ -175,6 +175,36 @@ pub fn gemm_f32_alloc(
     dst
 }
 
+/// The (cols × rows) row-major transpose of a (rows × cols) row-major matrix, in parallel over
+/// bands of 16 output rows (one cache line of each input row per band).
+pub fn transpose_f32(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const BAND: usize = 16;
+    assert_eq!(
+        src.len(),
+        rows * cols,
+        "transpose: {rows}×{cols} from {}",
+        src.len()
+    );
+    // A large zeroed Vec is fresh zero pages (no pass over it); every element is overwritten.
+    let mut dst = vec![0f32; rows * cols];
+    if rows == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(BAND * rows)
+        .enumerate()
+        .for_each(|(b, band)| {
+            let c0 = b * BAND;
+            let width = band.len() / rows;
+            for (i, row) in src.chunks_exact(cols).enumerate() {
+                for (j, &x) in row[c0..c0 + width].iter().enumerate() {
+                    band[j * rows + i] = x;
+                }
+            }
+        });
+    dst
+}
+
 fn needs_grad(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
@@ -598,6 +628,21 @@ mod tests {
             gemm_f32_alloc((3, 4, 0), &[], (1, 0), &[], (1, 4), 1),
             vec![0f32; 12]
         );
+    }
+
+    /// The transpose against candle's `t()`: bands that end early (cols not a multiple of 16),
+    /// one row, one column, and the empty matrix.
+    #[test]
+    fn transpose_matches_candle() -> Result<()> {
+        for (rows, cols) in [(37, 53), (5, 16), (1, 40), (33, 1), (0, 7), (7, 0)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let want = Tensor::from_vec(src.clone(), (rows, cols), &Device::Cpu)?
+                .t()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert_eq!(transpose_f32(&src, rows, cols), want, "{rows}×{cols}");
+        }
+        Ok(())
     }
 
     /// The one-op linear against candle's reshape, transpose and matmul: values, both gradients,

@@ -34,13 +34,17 @@ pub fn fused_buffer_bytes(v: usize, rows: usize) -> usize {
     2 * 4 * v * chunk_rows(v, rows)
 }
 
-/// Chunk buffers kept between steps: a fresh 128 MiB buffer costs the kernel's page zeroing on
-/// every step, a kept one does not.
+/// Chunk buffers (and the transposed projection gradient) kept between steps: a fresh 128 MiB
+/// buffer costs the kernel's page zeroing on every step, a kept one does not.
 static SCRATCH: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
+/// The smallest kept buffer of at least `len` floats (its contents are stale), or a new one.
 fn take_scratch(len: usize) -> Vec<f32> {
     let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    match pool.iter().position(|b| b.len() >= len) {
+    let best = (0..pool.len())
+        .filter(|&i| pool[i].len() >= len)
+        .min_by_key(|&i| pool[i].len());
+    match best {
         Some(i) => pool.swap_remove(i),
         None => vec![0f32; len],
     }
@@ -109,8 +113,12 @@ impl LmHeadKd {
         } else {
             Vec::new()
         };
-        let mut dw = if self.need_dw {
-            vec![0f32; v * d]
+        // dW accumulates transposed, (d × V) row-major: gemm runs that product at the speed of
+        // the other two (≈ 300 GFLOP/s on the 4L/256 student's shapes), where the (V × d) layout
+        // packs the chunk's gradient first and reaches ≈ 190 (BENCHMARKS.md, fifth pass); one
+        // transpose at the end costs a pass over the projection. The first chunk overwrites.
+        let mut dwt = if self.need_dw {
+            take_scratch(d * v)
         } else {
             Vec::new()
         };
@@ -169,18 +177,18 @@ impl LmHeadKd {
                 gemm_f32(m, d, v, dhc, (1, d), false, &dz, (1, v), w, (1, d), threads);
             }
             if self.need_dw {
-                // dW (V×d) += dz^T (V×m) · h_c (m×d).
+                // dW^T (d×V) += h_c^T (d×m) · dz (m×V).
                 gemm_f32(
-                    v,
                     d,
+                    v,
                     m,
-                    &mut dw,
-                    (1, d),
+                    &mut dwt,
+                    (1, v),
                     r0 > 0,
-                    &dz,
-                    (v, 1),
                     hc,
-                    (1, d),
+                    (d, 1),
+                    &dz,
+                    (1, v),
                     threads,
                 );
             }
@@ -189,6 +197,13 @@ impl LmHeadKd {
         if train {
             give_scratch(dz);
         }
+        let dw = if self.need_dw {
+            let dw = distill_core::ops::transpose_f32(&dwt[..d * v], d, v);
+            give_scratch(dwt);
+            dw
+        } else {
+            Vec::new()
+        };
         let (mut kd, mut ce) = (0f64, 0f64);
         for r in &rows {
             kd += r[0] as f64;
