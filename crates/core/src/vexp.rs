@@ -25,7 +25,8 @@ fn exp(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0;
     let x = if x < -87.3 { -87.3 } else { x };
     let x = if x > 88.3 { 88.3 } else { x };
-    let n = (x * LOG2E + SHIFT) - SHIFT;
+    let t = x * LOG2E + SHIFT;
+    let n = t - SHIFT;
     let r = x - n * C1 - n * C2;
     let p = 1.987_569e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -34,7 +35,11 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from t's low mantissa bits, which hold n (|n| ≤ 127 < 2^22): a bit cast and an
+    // integer subtraction, where `n as i32` (saturating, NaN to 0) compiles to a scalar
+    // conversion per lane and kept the loops from vectorising.
+    let n_int = (t.to_bits() as i32).wrapping_sub(SHIFT.to_bits() as i32);
+    let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
     e * scale
 }
 
@@ -494,6 +499,41 @@ mod tests {
             "{shortcut} vs {}",
             lse(&x, 1.0)
         );
+    }
+
+    /// The exponent from the shifted sum's bits is the cast's `n as i32`, bit for bit, over
+    /// the whole clamped range and beyond it (and NaN stays NaN).
+    #[test]
+    fn exp_from_bits_equals_the_cast_form() {
+        fn cast_form(x: f32) -> f32 {
+            let x = x.clamp(-87.3, 88.3);
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+            let p = 1.987_569e-4;
+            let p = p * r + 1.398_199_9e-3;
+            let p = p * r + 8.333_452e-3;
+            let p = p * r + 4.166_579_6e-2;
+            let p = p * r + 1.666_666_5e-1;
+            let p = p * r + 0.5;
+            let e = p * (r * r) + r + 1.0;
+            e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        }
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp(x).to_bits(), cast_form(x).to_bits(), "x = {x}");
+            x += 0.000_37;
+        }
+        for x in [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+            0.0,
+            -0.0,
+        ] {
+            assert_eq!(exp(x).to_bits(), cast_form(x).to_bits(), "x = {x}");
+        }
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
