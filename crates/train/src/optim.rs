@@ -8,6 +8,7 @@
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
 use candle_nn::VarMap;
+use distill_core::vexp::{self, AdamStep};
 use distill_core::Result;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -63,29 +64,11 @@ fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// Elements per parallel work item of the fused passes (fixed, so sums are reproducible).
 const CHUNK: usize = 1 << 14;
 
-/// The scalars of one AdamW step, as the tensor path forms them.
-#[derive(Clone, Copy)]
-struct AdamScalars {
-    beta1: f32,
-    beta2: f32,
-    /// `1 − β`, formed in f64 as the tensor path's scalar is.
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    /// `1/bc1`, `1/bc2`: candle's tensor ÷ scalar is a multiply by the reciprocal.
-    inv_bc1: f32,
-    inv_bc2: f32,
-    eps: f32,
-    lr: f32,
-    /// `1 − lr·wd`, or `None` without decay.
-    decay: Option<f32>,
-    grad_scale: f32,
-}
-
 /// One AdamW step on a parameter's data in place (`InplaceOp2`: the weights, then the gradient).
 struct AdamKernel<'a> {
     m: RefCell<&'a mut [f32]>,
     v: RefCell<&'a mut [f32]>,
-    k: AdamScalars,
+    k: AdamStep,
 }
 
 impl InplaceOp2 for AdamKernel<'_> {
@@ -120,21 +103,7 @@ impl InplaceOp2 for AdamKernel<'_> {
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
-            .for_each(|(((w, g), m), v)| {
-                for i in 0..w.len() {
-                    // The tensor path's ops, one by one: g·s; m·β1 + g·(1−β1); v·β2 + g²·(1−β2);
-                    // (m·(1/bc1)) / (√(v·(1/bc2)) + ε); w·(1 − lr·wd); w − update·lr.
-                    let gi = g[i] * k.grad_scale;
-                    m[i] = m[i] * k.beta1 + gi * k.one_minus_beta1;
-                    v[i] = v[i] * k.beta2 + gi * gi * k.one_minus_beta2;
-                    let update = (m[i] * k.inv_bc1) / ((v[i] * k.inv_bc2).sqrt() + k.eps);
-                    let wi = match k.decay {
-                        Some(f) => w[i] * f,
-                        None => w[i],
-                    };
-                    w[i] = wi - update * k.lr;
-                }
-            });
+            .for_each(|(((w, g), m), v)| vexp::adamw(w, g, m, v, k));
         Ok(())
     }
 }
@@ -243,7 +212,7 @@ impl AdamW {
                     let kernel = AdamKernel {
                         m: RefCell::new(m.as_mut_slice()),
                         v: RefCell::new(v.as_mut_slice()),
-                        k: AdamScalars {
+                        k: AdamStep {
                             beta1: c.beta1 as f32,
                             beta2: c.beta2 as f32,
                             one_minus_beta1: (1.0 - c.beta1) as f32,
@@ -340,10 +309,11 @@ pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut sum = 0f64;
     for n in names {
         let g = &grads[n];
-        // CPU f32: f64 sums over fixed chunks, added in order (reproducible, no temporaries).
+        // CPU f32: per fixed chunk, f32 lanes over blocks added in f64 (`vexp::sum_squares`), the
+        // chunks added in order (reproducible, no temporaries).
         let host = with_host_slice(g, |x| {
             x.par_chunks(CHUNK)
-                .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+                .map(vexp::sum_squares)
                 .collect::<Vec<f64>>()
                 .iter()
                 .sum::<f64>()
@@ -403,6 +373,27 @@ mod tests {
         assert!((lr_at(60, 1e-3, 1e-4, 10, 110) - 5.5e-4).abs() < 1e-12);
         assert!((lr_at(110, 1e-3, 1e-4, 10, 110) - 1e-4).abs() < 1e-12);
         assert!((lr_at(500, 1e-3, 1e-4, 10, 110) - 1e-4).abs() < 1e-12);
+    }
+
+    /// The global norm against an f64 sum, over tensors longer than one chunk and not a
+    /// multiple of the lanes.
+    #[test]
+    fn grad_norm_matches_f64() {
+        let dev = candle_core::Device::Cpu;
+        let a: Vec<f32> = (0..40_001).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..77).map(|i| i as f32 * 1e-3).collect();
+        let want = a
+            .iter()
+            .chain(&b)
+            .map(|&x| x as f64 * x as f64)
+            .sum::<f64>()
+            .sqrt();
+        let grads = HashMap::from([
+            ("a".to_string(), Tensor::new(a.as_slice(), &dev).unwrap()),
+            ("b".to_string(), Tensor::new(b.as_slice(), &dev).unwrap()),
+        ]);
+        let got = grad_norm(&grads).unwrap();
+        assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
     }
 
     #[test]
