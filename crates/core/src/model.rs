@@ -35,6 +35,18 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `residual + self(x)`: one op on the CPU in f32 ([`ops::linear_add`]) without a bias.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.bias.is_none() {
+            if let Some(y) = ops::linear_add(x, &self.weight, residual)? {
+                return Ok(y);
+            }
+        }
+        residual + self.forward(x)?
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.bias.is_none() {
@@ -335,6 +347,21 @@ impl Attention {
             .forward(&self.attend(x, rope, pos, mask, cache)?)
     }
 
+    /// `residual + self.forward(x, …)`, the sum taken by the output projection
+    /// ([`Linear::forward_add`]).
+    fn forward_add(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+    ) -> Result<Tensor> {
+        self.o_proj
+            .forward_add(&self.attend(x, rope, pos, mask, cache)?, residual)
+    }
+
     /// The heads' outputs before the output projection, (B, T, heads · head_dim), head-major.
     fn attend(
         &self,
@@ -452,6 +479,13 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.down_proj.forward(&self.activations(x)?)
+    }
+}
+
+impl Mlp {
+    /// `residual + self.forward(x)`, the sum taken by the down projection.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward_add(&self.activations(x)?, residual)
     }
 }
 
@@ -861,9 +895,13 @@ impl CausalLm {
         cache: Option<&mut candle_nn::kv_cache::KvCache>,
     ) -> Result<Tensor> {
         let h = layer.input_layernorm.forward(x)?;
-        let h = layer
-            .self_attn
-            .forward(&h, self.rope_of(layer), pos, mask, cache)?;
+        let rope = self.rope_of(layer);
+        if layer.feedforward_norms.is_none() {
+            // Llama: the projections add their outputs to the residual stream themselves.
+            let x = layer.self_attn.forward_add(&h, x, rope, pos, mask, cache)?;
+            return layer.mlp.forward_add(&layer.mlp_norm().forward(&x)?, &x);
+        }
+        let h = layer.self_attn.forward(&h, rope, pos, mask, cache)?;
         let x = (x + layer.attn_residual(h)?)?;
         let h = layer.mlp.forward(&layer.mlp_norm().forward(&x)?)?;
         x + layer.mlp_residual(h)?

@@ -9,9 +9,11 @@
 //! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
 //! only then and keeps candle's ops for other devices.
 
-use super::{gemm_f32_alloc, host_f32, storage_f32};
+use super::{gemm_f32, gemm_f32_alloc, host_f32, storage_f32};
 use crate::vexp;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Rows per parallel task: enough work to amortise the dispatch, small enough to balance.
@@ -306,13 +308,7 @@ impl CustomOp2 for Linear {
             host_f32(sx, lx, self.name())?,
             host_f32(sw, lw, self.name())?,
         );
-        let (rows, i, o) = Self::sizes(lx.dims(), lw.dims())?;
-        let threads = candle_core::utils::get_num_threads();
-        // y (rows×out) = x (rows×in) · Wᵀ (in×out): W's rows read as columns.
-        let y = gemm_f32_alloc((rows, o, i), x, (1, i), w, (i, 1), threads);
-        let mut dims = lx.dims().to_vec();
-        *dims.last_mut().expect("checked: at least one dimension") = o;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Self::forward(x, lx, w, lw, None)
     }
 
     fn bwd(
@@ -322,10 +318,59 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Self::backward(x, w, dy)
+    }
+}
+
+impl Linear {
+    /// `[r +] x · Wᵀ`, (…, out).
+    fn forward(
+        x: &[f32],
+        lx: &Layout,
+        w: &[f32],
+        lw: &Layout,
+        residual: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, i, o) = Self::sizes(lx.dims(), lw.dims())?;
+        let threads = candle_core::utils::get_num_threads();
+        // y (rows×out) = [r +] x (rows×in) · Wᵀ (in×out): W's rows read as columns.
+        let y = match residual {
+            None => gemm_f32_alloc((rows, o, i), x, (1, i), w, (i, 1), threads),
+            Some(r) => {
+                if r.len() != rows * o {
+                    candle_core::bail!(
+                        "linear + residual: {} residual values for {rows}×{o}",
+                        r.len()
+                    );
+                }
+                let mut y = r.to_vec();
+                gemm_f32(
+                    rows,
+                    o,
+                    i,
+                    &mut y,
+                    (1, o),
+                    true,
+                    x,
+                    (1, i),
+                    w,
+                    (i, 1),
+                    threads,
+                );
+                y
+            }
+        };
+        let mut dims = lx.dims().to_vec();
+        *dims.last_mut().expect("checked: at least one dimension") = o;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    /// The input's and the weight's gradients, each only where one flows.
+    fn backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let name = "distill-linear";
         let (rows, i, o) = Self::sizes(x.dims(), w.dims())?;
         let dy = dy.contiguous()?;
         let threads = candle_core::utils::get_num_threads();
-        let name = self.name();
         with_data(&dy, name, |g| {
             let dx = if x.track_op() {
                 with_data(w, name, |w| {
@@ -347,5 +392,51 @@ impl CustomOp2 for Linear {
             };
             Ok((dx, dw))
         })
+    }
+}
+
+/// `r + x·Wᵀ` (a residual stream plus a projection), one op: the residual is the GEMM's initial
+/// value, so the sum is no pass of its own and the projection's output no tensor whose gradient
+/// candle would accumulate; the residual's gradient is the output's, as is.
+pub(super) struct LinearAdd;
+
+impl CustomOp3 for LinearAdd {
+    fn name(&self) -> &'static str {
+        "distill-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sr: &CpuStorage,
+        lr: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (x, w, r) = (
+            host_f32(sx, lx, name)?,
+            host_f32(sw, lw, name)?,
+            host_f32(sr, lr, name)?,
+        );
+        let (y, shape) = Linear::forward(x, lx, w, lw, Some(r))?;
+        if &shape != lr.shape() {
+            candle_core::bail!("{name}: residual {:?} for output {shape:?}", lr.dims());
+        }
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        r: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = Linear::backward(x, w, dy)?;
+        let dr = r.track_op().then(|| dy.clone());
+        Ok((dx, dw, dr))
     }
 }

@@ -301,6 +301,29 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     ))
 }
 
+/// `r + x·Wᵀ` for a residual stream `r` (…, out), `x` (…, in), `W` (out, in), as one op
+/// ([`linear`]'s GEMMs with `r` as the product's initial value; its gradient is the output's).
+/// None where [`linear`] declines or `r` is not an f32 CPU tensor of the output's shape.
+pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Option<Tensor>> {
+    let fits = cpu_f32(&[x, w, r])
+        && w.rank() == 2
+        && w.dim(1)? > 0
+        && x.rank() >= 1
+        && x.dims().last() == Some(&w.dim(1)?)
+        && r.rank() == x.rank()
+        && r.dims()[..r.rank() - 1] == x.dims()[..x.rank() - 1]
+        && r.dims().last() == Some(&w.dim(0)?)
+        && (x.elem_count() / w.dim(1)?.max(1) > 1 || needs_grad(&[x, w, r]));
+    if !fits {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &r.contiguous()?,
+        grad::LinearAdd,
+    )?))
+}
+
 /// Causal self-attention at positions 0..T: `softmax(q kᵀ + mask) v` with `q` (B, h, T, D)
 /// rotated and already scaled, `k`, `v` (B, kvh, T, D), query head `i` reading KV head
 /// `i / (h / kvh)`, and position `p` seeing keys `p − window < j ≤ p` (`window` None: all up to
@@ -670,6 +693,40 @@ mod tests {
         // One row without a gradient is the GEMV's; a mismatched width is declined.
         assert!(linear(&x.narrow(1, 0, 1)?.narrow(0, 0, 1)?, &w)?.is_none());
         assert!(linear(&x, &w.narrow(1, 0, 39)?)?.is_none());
+        Ok(())
+    }
+
+    /// The residual-adding linear against candle's matmul then add: values and the three
+    /// gradients (the residual's is the output's); a frozen weight gets none; shapes that do not
+    /// match are declined.
+    #[test]
+    fn linear_add_matches_matmul_plus_residual() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (3, 37, 40), &dev)?;
+        let w = Tensor::randn(0f32, 1., (29, 40), &dev)?;
+        let r = Tensor::randn(0f32, 1., (3, 37, 29), &dev)?;
+        let (y, g) = value_and_grads(&[&x, &w, &r], |a| {
+            Ok(linear_add(&a[0], &a[1], &a[2])?.expect("f32 CPU"))
+        })?;
+        let (y0, g0) = value_and_grads(&[&x, &w, &r], |a| {
+            &a[2]
+                + a[0]
+                    .reshape((111, 40))?
+                    .matmul(&a[1].t()?)?
+                    .reshape((3, 37, 29))?
+        })?;
+        assert_eq!(y.dims(), &[3, 37, 29]);
+        assert_close("linear_add", &y, &y0, 1e-5);
+        for (i, what) in ["dx", "dw", "dr"].iter().enumerate() {
+            assert_close(what, &g[i], &g0[i], 1e-5);
+        }
+        let (xv, rv) = (Var::from_tensor(&x)?, Var::from_tensor(&r)?);
+        let y = linear_add(xv.as_tensor(), &w, rv.as_tensor())?.expect("f32 CPU");
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&w).is_none(), "a frozen weight gets no gradient");
+        assert!(grads.get(xv.as_tensor()).is_some() && grads.get(rv.as_tensor()).is_some());
+        assert!(linear_add(&x, &w, &r.narrow(2, 0, 28)?)?.is_none());
+        assert!(linear_add(&x, &w, &r.narrow(1, 0, 36)?)?.is_none());
         Ok(())
     }
 
