@@ -465,6 +465,16 @@ impl Mlp {
     /// The gated activations the down projection reads, (…, intermediate).
     fn activations(&self, x: &Tensor) -> Result<Tensor> {
         let width = self.down_proj.weight.dim(1)?;
+        // Trained (separate) gate and up projections: one op from the input on.
+        if let (false, Projections::Separate(parts)) = (self.gelu, &self.gate_up) {
+            if let [gate, up] = parts.as_slice() {
+                if gate.bias.is_none() && up.bias.is_none() {
+                    if let Some(y) = ops::swiglu_linear(x, &gate.weight, &up.weight)? {
+                        return Ok(y);
+                    }
+                }
+            }
+        }
         let packed = self.gate_up.forward_packed(x)?;
         if self.gelu {
             // transformers' gelu_pytorch_tanh is candle's `gelu` (the tanh approximation).

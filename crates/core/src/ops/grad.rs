@@ -278,6 +278,158 @@ impl CustomOp1 for SwiGluPacked {
     }
 }
 
+/// SwiGLU of two projections of the same input, `silu(x W_gᵀ) · (x W_uᵀ)`: x (…, in), W_g and
+/// W_u (width, in) → (…, width). The two GEMMs write the halves of one packed `[gate | up]`
+/// buffer that the op keeps for its backward, so neither a concatenated weight (a copy forward,
+/// slices and their accumulators backward) nor the packed product is a tensor of candle's graph.
+pub(super) struct SwiGluLinear {
+    /// Whether a backward will run (the packed product is kept for it).
+    pub keep: bool,
+    pub saved: std::sync::Arc<std::sync::Mutex<Option<Vec<f32>>>>,
+}
+
+impl SwiGluLinear {
+    /// (rows, in, width) of x (…, in) and the two (width, in) weights.
+    fn sizes(x: &[usize], wg: &[usize], wu: &[usize]) -> Result<(usize, usize, usize)> {
+        match (x.last(), wg, wu) {
+            (Some(&i), &[w, gi], &[uw, ui]) if gi == i && ui == i && uw == w && w > 0 => {
+                Ok((x.iter().product::<usize>() / i.max(1), i, w))
+            }
+            _ => candle_core::bail!("swiglu projections: input {x:?}, weights {wg:?}, {wu:?}"),
+        }
+    }
+
+    /// The packed `[x W_gᵀ | x W_uᵀ]` rows, (rows × 2·width).
+    fn gate_up(x: &[f32], wg: &[f32], wu: &[f32], (rows, i, w): (usize, usize, usize)) -> Vec<f32> {
+        let threads = candle_core::utils::get_num_threads();
+        let mut gu = vec![0f32; rows * 2 * w];
+        for (half, weight) in [wg, wu].into_iter().enumerate() {
+            let dst = &mut gu[half * w..];
+            gemm_f32(
+                rows,
+                w,
+                i,
+                dst,
+                (1, 2 * w),
+                false,
+                x,
+                (1, i),
+                weight,
+                (i, 1),
+                threads,
+            );
+        }
+        gu
+    }
+}
+
+impl CustomOp3 for SwiGluLinear {
+    fn name(&self) -> &'static str {
+        "distill-swiglu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (x, wg, wu) = (
+            host_f32(sx, lx, name)?,
+            host_f32(sg, lg, name)?,
+            host_f32(su, lu, name)?,
+        );
+        let sizes = Self::sizes(lx.dims(), lg.dims(), lu.dims())?;
+        let (rows, _, w) = sizes;
+        let gu = Self::gate_up(x, wg, wu, sizes);
+        let mut out = vec![0f32; rows * w];
+        map_rows(&mut out, w, |r, o| {
+            let row = &gu[2 * w * r..2 * w * (r + 1)];
+            vexp::swiglu(&row[..w], &row[w..], o);
+        });
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(gu);
+        }
+        let mut dims = lx.dims().to_vec();
+        *dims.last_mut().expect("checked: at least one dimension") = w;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wg: &Tensor,
+        wu: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let sizes = Self::sizes(x.dims(), wg.dims(), wu.dims())?;
+        let (rows, i, w) = sizes;
+        let dy = dy.contiguous()?;
+        let threads = candle_core::utils::get_num_threads();
+        with_data(x, name, |xs| {
+            with_data(wg, name, |g_w| {
+                with_data(wu, name, |u_w| {
+                    // The forward's packed product, or the same GEMMs again if it kept none.
+                    let kept = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let gu = match kept {
+                        Some(gu) if gu.len() == rows * 2 * w => gu,
+                        _ => Self::gate_up(xs, g_w, u_w, sizes),
+                    };
+                    // [dgate | dup] (rows × 2·width).
+                    let dgu = with_data(&dy, name, |g| {
+                        let mut dgu = vec![0f32; rows * 2 * w];
+                        map_rows(&mut dgu, 2 * w, |r, o| {
+                            let row = &gu[2 * w * r..2 * w * (r + 1)];
+                            let (dg, du) = o.split_at_mut(w);
+                            let g = &g[w * r..w * (r + 1)];
+                            vexp::swiglu_grad(&row[..w], &row[w..], g, dg, du);
+                        });
+                        Ok(dgu)
+                    })?;
+                    drop(gu);
+                    let dx = if x.track_op() {
+                        // dx (rows×in) = dgate · W_g + dup · W_u.
+                        let mut dx =
+                            gemm_f32_alloc((rows, i, w), &dgu, (1, 2 * w), g_w, (1, i), threads);
+                        gemm_f32(
+                            rows,
+                            i,
+                            w,
+                            &mut dx,
+                            (1, i),
+                            true,
+                            &dgu[w..],
+                            (1, 2 * w),
+                            u_w,
+                            (1, i),
+                            threads,
+                        );
+                        Some(cpu_tensor(dx, x.shape())?)
+                    } else {
+                        None
+                    };
+                    // dW (width×in) = dhalfᵀ (width×rows) · x (rows×in).
+                    let dweight = |half: usize, weight: &Tensor| -> Result<Option<Tensor>> {
+                        if !weight.track_op() {
+                            return Ok(None);
+                        }
+                        let lhs = &dgu[half * w..];
+                        let dw = gemm_f32_alloc((w, i, rows), lhs, (2 * w, 1), xs, (1, i), threads);
+                        Ok(Some(cpu_tensor(dw, weight.shape())?))
+                    };
+                    Ok((dx, dweight(0, wg)?, dweight(1, wu)?))
+                })
+            })
+        })
+    }
+}
+
 /// `y = x Wᵀ`: x (…, in), W (out, in) → (…, out); backward `dx = dy W`, `dW = dyᵀ x`, each one
 /// GEMM on candle's thread count, and only where a gradient flows.
 pub(super) struct Linear;

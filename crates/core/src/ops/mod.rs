@@ -402,6 +402,31 @@ pub fn attention_packed(
     Ok(Some(qkv.contiguous()?.apply_op1(op)?))
 }
 
+/// `silu(x W_gᵀ) · (x W_uᵀ)` for x (…, in) and trained weights W_g, W_u (width, in) → (…, width),
+/// as one op ([`grad::SwiGluLinear`]): the trained MLP's gate and up projections and their
+/// activation without the concatenated weight or the packed product in the graph. None when the
+/// inputs are not f32 CPU tensors of those shapes.
+pub fn swiglu_linear(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Option<Tensor>> {
+    let fits = cpu_f32(&[x, w_gate, w_up])
+        && x.rank() >= 1
+        && w_gate.rank() == 2
+        && w_gate.dims() == w_up.dims()
+        && w_gate.dim(0)? > 0
+        && x.dims().last() == Some(&w_gate.dim(1)?);
+    if !fits {
+        return Ok(None);
+    }
+    let op = grad::SwiGluLinear {
+        keep: needs_grad(&[x, w_gate, w_up]),
+        saved: Default::default(),
+    };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w_gate.contiguous()?,
+        &w_up.contiguous()?,
+        op,
+    )?))
+}
+
 /// SwiGLU of packed rows `[gate | up]` (…, 2·width) → (…, width): the output of one gate-and-up
 /// GEMM.
 pub fn swiglu_packed(gate_up: &Tensor, width: usize) -> Result<Tensor> {
@@ -693,6 +718,45 @@ mod tests {
         // One row without a gradient is the GEMV's; a mismatched width is declined.
         assert!(linear(&x.narrow(1, 0, 1)?.narrow(0, 0, 1)?, &w)?.is_none());
         assert!(linear(&x, &w.narrow(1, 0, 39)?)?.is_none());
+        Ok(())
+    }
+
+    /// The gate-and-up op against the two products, their concatenation and the packed SwiGLU:
+    /// values and the three gradients; frozen weights get none; a backward with nothing kept
+    /// (two backwards of one forward) recomputes the product; mismatched weights are declined.
+    #[test]
+    fn swiglu_linear_matches_projections_then_swiglu() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 37, 40), &dev)?;
+        let wg = Tensor::randn(0f32, 0.3, (29, 40), &dev)?;
+        let wu = Tensor::randn(0f32, 0.3, (29, 40), &dev)?;
+        let (y, g) = value_and_grads(&[&x, &wg, &wu], |a| {
+            Ok(swiglu_linear(&a[0], &a[1], &a[2])?.expect("f32 CPU"))
+        })?;
+        let (y0, g0) = value_and_grads(&[&x, &wg, &wu], |a| {
+            let gate = a[0].broadcast_matmul(&a[1].t()?)?;
+            let up = a[0].broadcast_matmul(&a[2].t()?)?;
+            gate.silu()? * up
+        })?;
+        assert_eq!(y.dims(), &[2, 37, 29]);
+        assert_close("swiglu_linear", &y, &y0, 1e-5);
+        for (i, what) in ["dx", "dw_gate", "dw_up"].iter().enumerate() {
+            assert_close(what, &g[i], &g0[i], 1e-5);
+        }
+        let xv = Var::from_tensor(&x)?;
+        let y = swiglu_linear(xv.as_tensor(), &wg, &wu)?.expect("f32 CPU");
+        let loss = y.sum_all()?;
+        let first = loss.backward()?;
+        assert!(first.get(&wg).is_none() && first.get(&wu).is_none());
+        let again = loss.backward()?;
+        assert_close(
+            "recomputed backward",
+            again.get(xv.as_tensor()).expect("dx"),
+            first.get(xv.as_tensor()).expect("dx"),
+            0.0,
+        );
+        assert!(swiglu_linear(&x, &wg, &wu.narrow(0, 0, 28)?)?.is_none());
+        assert!(swiglu_linear(&x, &wg.narrow(1, 0, 39)?, &wu.narrow(1, 0, 39)?)?.is_none());
         Ok(())
     }
 
