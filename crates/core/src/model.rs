@@ -235,7 +235,8 @@ impl Projections {
 
     /// The projections' outputs side by side, (…, Σ widths), from one GEMM. Trained parts are
     /// concatenated at each call (a copy of the weights, small next to the product), so that
-    /// the concatenation's backward hands each Var its slice of the weight gradient.
+    /// the concatenation's backward hands each Var its slice of the weight gradient (a trained
+    /// MLP's gate and up skip this: [`ops::swiglu_linear`] takes both weights).
     fn forward_packed(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Projections::Fused { proj, .. } => proj.forward(x),
@@ -335,31 +336,22 @@ impl Attention {
     }
 
     /// `x`: (B, T, hidden) at positions `pos..pos+T`; `mask`: additive (T, S) or None when T = 1.
+    /// With a `residual`, `residual + attention`, the sum taken by the output projection
+    /// ([`Linear::forward_add`]).
     fn forward(
         &self,
         x: &Tensor,
+        residual: Option<&Tensor>,
         rope: &Rope,
         pos: usize,
         mask: Option<&Tensor>,
         cache: Option<&mut candle_nn::kv_cache::KvCache>,
     ) -> Result<Tensor> {
-        self.o_proj
-            .forward(&self.attend(x, rope, pos, mask, cache)?)
-    }
-
-    /// `residual + self.forward(x, …)`, the sum taken by the output projection
-    /// ([`Linear::forward_add`]).
-    fn forward_add(
-        &self,
-        x: &Tensor,
-        residual: &Tensor,
-        rope: &Rope,
-        pos: usize,
-        mask: Option<&Tensor>,
-        cache: Option<&mut candle_nn::kv_cache::KvCache>,
-    ) -> Result<Tensor> {
-        self.o_proj
-            .forward_add(&self.attend(x, rope, pos, mask, cache)?, residual)
+        let heads = self.attend(x, rope, pos, mask, cache)?;
+        match residual {
+            Some(r) => self.o_proj.forward_add(&heads, r),
+            None => self.o_proj.forward(&heads),
+        }
     }
 
     /// The heads' outputs before the output projection, (B, T, heads · head_dim), head-major.
@@ -908,10 +900,12 @@ impl CausalLm {
         let rope = self.rope_of(layer);
         if layer.feedforward_norms.is_none() {
             // Llama: the projections add their outputs to the residual stream themselves.
-            let x = layer.self_attn.forward_add(&h, x, rope, pos, mask, cache)?;
+            let x = layer
+                .self_attn
+                .forward(&h, Some(x), rope, pos, mask, cache)?;
             return layer.mlp.forward_add(&layer.mlp_norm().forward(&x)?, &x);
         }
-        let h = layer.self_attn.forward(&h, rope, pos, mask, cache)?;
+        let h = layer.self_attn.forward(&h, None, rope, pos, mask, cache)?;
         let x = (x + layer.attn_residual(h)?)?;
         let h = layer.mlp.forward(&layer.mlp_norm().forward(&x)?)?;
         x + layer.mlp_residual(h)?

@@ -16,13 +16,25 @@ const L: usize = 16;
 /// Elements per f32 partial sum (64 per lane) before it is added in f64.
 const BLOCK: usize = 1024;
 
+/// Round to nearest (ties to even) by adding 1.5·2^23: exact for |x·log2e| < 2^22.
+const SHIFT: f32 = 12_582_912.0;
+
 #[inline(always)]
 fn exp(x: f32) -> f32 {
+    let (e, t) = exp_parts(x);
+    // 2^n from t's low mantissa bits, which hold n (|n| ≤ 127 < 2^22): a bit cast and an
+    // integer subtraction, where `n as i32` (saturating, NaN to 0) compiles to a scalar
+    // conversion per lane and kept the loops from vectorising.
+    let n_int = (t.to_bits() as i32).wrapping_sub(SHIFT.to_bits() as i32);
+    e * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
+}
+
+/// `(e^r, t)` for the clamped `x = n ln2 + r`, with `t = x·log2e + SHIFT` (so `n = t − SHIFT`).
+#[inline(always)]
+fn exp_parts(x: f32) -> (f32, f32) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
-    // Round to nearest (ties to even) by the 1.5·2^23 shift: exact for |x·log2e| < 2^22.
-    const SHIFT: f32 = 12_582_912.0;
     let x = if x < -87.3 { -87.3 } else { x };
     let x = if x > 88.3 { 88.3 } else { x };
     let t = x * LOG2E + SHIFT;
@@ -34,13 +46,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
-    // 2^n from t's low mantissa bits, which hold n (|n| ≤ 127 < 2^22): a bit cast and an
-    // integer subtraction, where `n as i32` (saturating, NaN to 0) compiles to a scalar
-    // conversion per lane and kept the loops from vectorising.
-    let n_int = (t.to_bits() as i32).wrapping_sub(SHIFT.to_bits() as i32);
-    let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
-    e * scale
+    (p * (r * r) + r + 1.0, t)
 }
 
 /// `p (lp − lq)` with `p = e^lp`, and 0 where the teacher's probability is below f32's range
@@ -588,16 +594,8 @@ mod tests {
     #[test]
     fn exp_from_bits_equals_the_cast_form() {
         fn cast_form(x: f32) -> f32 {
-            let x = x.clamp(-87.3, 88.3);
-            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-            let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-            let p = 1.987_569e-4;
-            let p = p * r + 1.398_199_9e-3;
-            let p = p * r + 8.333_452e-3;
-            let p = p * r + 4.166_579_6e-2;
-            let p = p * r + 1.666_666_5e-1;
-            let p = p * r + 0.5;
-            let e = p * (r * r) + r + 1.0;
+            let (e, t) = exp_parts(x);
+            let n = t - SHIFT;
             e * f32::from_bits(((n as i32 + 127) as u32) << 23)
         }
         let mut x = -100.0f32;

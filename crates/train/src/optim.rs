@@ -313,7 +313,11 @@ pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
         // chunks added in order (reproducible, no temporaries).
         let host = with_host_slice(g, |x| {
             x.par_chunks(CHUNK)
-                .map(vexp::sum_squares)
+                .map(|c| match vexp::sum_squares(c) {
+                    s if s.is_finite() => s,
+                    // A square past f32's range (|g| > 1.8e19): the chunk again in f64.
+                    _ => c.iter().map(|&v| v as f64 * v as f64).sum::<f64>(),
+                })
                 .collect::<Vec<f64>>()
                 .iter()
                 .sum::<f64>()
@@ -394,6 +398,13 @@ mod tests {
         ]);
         let got = grad_norm(&grads).unwrap();
         assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+        // Squares past f32's range still give a finite norm (clipping can take it).
+        let huge = HashMap::from([(
+            "h".to_string(),
+            Tensor::new(&[3e20f32, -4e20], &dev).unwrap(),
+        )]);
+        let got = grad_norm(&huge).unwrap();
+        assert!((got - 5e20).abs() <= 1e-6 * 5e20, "{got}");
     }
 
     #[test]

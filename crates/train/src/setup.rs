@@ -306,8 +306,9 @@ impl Setup {
             rows * (12 * h + 4 * ff) * 4 + t.batch_size as u64 * heads * seq * seq * 4 * 3;
         let v = student.vocab_size as u64;
         // On the CPU the output projection is fused with the loss: two chunk buffers and the
-        // projection's gradient (accumulated transposed, then transposed: twice); elsewhere the student logits, their gradient and the backward's
-        // temporaries. Dense teacher logits when the teacher runs online.
+        // projection's gradient twice (accumulated transposed, then transposed); elsewhere the
+        // student logits, their gradient and the backward's temporaries. Dense teacher logits
+        // when the teacher runs online.
         let dense_teacher = matches!(self.targets, Targets::Live { top_k: 0, .. });
         let student_logits = if self.device.is_cpu() {
             // A frozen (tied) embedding gets no gradient: the fused loss computes none for it.

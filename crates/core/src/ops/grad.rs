@@ -1,8 +1,10 @@
 //! The layers' elementwise ops as CPU kernels with their own backward: RMSNorm, the rotary
 //! embedding (with the attention's 1/√d folded in), the masked softmax of the attention scores and
-//! SwiGLU of the packed gate-and-up product. Each is one parallel pass over its rows forward and one backward ([`crate::vexp`]'s
-//! kernels), where candle's differentiable composites take five to ten ops and their backward
-//! graphs twice that (a temporary, a zero-filled gradient accumulator and a pass each).
+//! SwiGLU of the packed gate-and-up product. Each is one parallel pass over its rows forward and
+//! one backward ([`crate::vexp`]'s kernels), where candle's differentiable composites take five to
+//! ten ops and their backward graphs twice that (a temporary, a zero-filled gradient accumulator
+//! and a pass each). With them, the projections as ops that call gemm themselves: `x·Wᵀ`, the
+//! same plus a residual, and a trained MLP's gate and up projections with their SwiGLU.
 //!
 //! Rows are split into fixed-size tasks and per-task partial sums (RMSNorm's weight gradient) are
 //! added in task order, so results do not depend on the thread count or on scheduling: resumed runs
@@ -547,9 +549,9 @@ impl Linear {
     }
 }
 
-/// `r + x·Wᵀ` (a residual stream plus a projection), one op: the residual is the GEMM's initial
-/// value, so the sum is no pass of its own and the projection's output no tensor whose gradient
-/// candle would accumulate; the residual's gradient is the output's, as is.
+/// `r + x·Wᵀ` (a residual stream plus a projection), one op: the residual, copied, is the GEMM's
+/// initial value (a copy where an add read two tensors), and the projection's output is no
+/// tensor whose gradient candle would accumulate; the residual's gradient is the output's, as is.
 pub(super) struct LinearAdd;
 
 impl CustomOp3 for LinearAdd {

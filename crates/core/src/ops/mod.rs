@@ -412,6 +412,7 @@ pub fn swiglu_linear(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Optio
         && w_gate.rank() == 2
         && w_gate.dims() == w_up.dims()
         && w_gate.dim(0)? > 0
+        && w_gate.dim(1)? > 0
         && x.dims().last() == Some(&w_gate.dim(1)?);
     if !fits {
         return Ok(None);
@@ -755,6 +756,15 @@ mod tests {
             first.get(xv.as_tensor()).expect("dx"),
             0.0,
         );
+        // Trained weights, an input without a gradient (and not contiguous): no dx.
+        let (wgv, wuv) = (Var::from_tensor(&wg)?, Var::from_tensor(&wu)?);
+        let xt = x.transpose(0, 1)?;
+        let y = swiglu_linear(&xt, wgv.as_tensor(), wuv.as_tensor())?.expect("f32 CPU");
+        let y0 = (xt.broadcast_matmul(&wg.t()?)?.silu()? * xt.broadcast_matmul(&wu.t()?)?)?;
+        assert_close("transposed input", &y, &y0, 1e-5);
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&xt).is_none());
+        assert!(grads.get(wgv.as_tensor()).is_some() && grads.get(wuv.as_tensor()).is_some());
         assert!(swiglu_linear(&x, &wg, &wu.narrow(0, 0, 28)?)?.is_none());
         assert!(swiglu_linear(&x, &wg.narrow(1, 0, 39)?, &wu.narrow(1, 0, 39)?)?.is_none());
         Ok(())

@@ -3,7 +3,8 @@
 //!
 //! For a chunk of `c` rows (≈ 128 MiB of logits): `z = h W^T` (one GEMM), the loss value of each
 //! row and its gradient `dz` by the same per-row code as [`KdOp`] (so values and gradients are the
-//! ones the tested op gives), then `dh = dz W` and `dW += dz^T h` (two GEMMs). The gradient is
+//! ones the tested op gives), then `dh = dz W` and `dW^T += h^T dz` (two GEMMs; dW is
+//! accumulated transposed and transposed once at the end). The gradient is
 //! taken in the forward pass (as Liger-Kernel's fused linear cross-entropy does): the loss is the
 //! graph's last node, so recomputing the logits in the backward would cost a fourth GEMM for
 //! nothing. The backward scales the saved gradients by the upstream gradient of the total.
@@ -198,6 +199,10 @@ impl LmHeadKd {
             give_scratch(dz);
         }
         let dw = if self.need_dw {
+            if n == 0 {
+                // No chunk ran: the kept buffer still holds an earlier step's gradient.
+                dwt[..d * v].fill(0.0);
+            }
             let dw = distill_core::ops::transpose_f32(&dwt[..d * v], d, v);
             give_scratch(dwt);
             dw
