@@ -546,6 +546,39 @@ mod tests {
         );
     }
 
+    /// A batch of no rows runs no chunk: the trained projection's gradient is zero, not what a
+    /// kept scratch buffer held from an earlier step (one is run first to leave one behind).
+    #[test]
+    fn zero_rows_give_a_zero_projection_gradient() {
+        let dev = Device::Cpu;
+        let (d, v) = (7, 53);
+        let w = Var::from_vec(rand_vec(v * d, 1.0, 8), (v, d), &dev).unwrap();
+        let c = cfg(KdKind::ForwardKl, 1.0, 0.0);
+        for n in [9, 0] {
+            let h = Var::from_vec(rand_vec(n * d, 1.0, 9), (n, d), &dev).unwrap();
+            let t = TeacherTargets::Dense {
+                logits: Tensor::from_vec(rand_vec(n * v, 3.0, 10), (n, v), &dev).unwrap(),
+            };
+            let labels = vec![1u32; n];
+            let parts =
+                distill_loss_from_hidden(h.as_tensor(), w.as_tensor(), &t, &labels, &c).unwrap();
+            let g = parts.total.backward().unwrap();
+            let dw: Vec<f32> = g
+                .get(w.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let nonzero = dw.iter().filter(|&&x| x != 0.0).count();
+            assert_eq!(
+                nonzero == 0,
+                n == 0,
+                "{n} rows: {nonzero} non-zero dW entries"
+            );
+        }
+    }
+
     #[test]
     fn only_the_total_is_differentiable() {
         let dev = Device::Cpu;
