@@ -33,9 +33,7 @@ impl Linear {
         };
         Ok(Self { weight, bias })
     }
-}
 
-impl Linear {
     /// `residual + self(x)`: one op on the CPU in f32 ([`ops::linear_add`]) without a bias.
     fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         if self.bias.is_none() {
@@ -454,6 +452,11 @@ impl Mlp {
 }
 
 impl Mlp {
+    /// `residual + self.forward(x)`, the sum taken by the down projection.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward_add(&self.activations(x)?, residual)
+    }
+
     /// The gated activations the down projection reads, (…, intermediate).
     fn activations(&self, x: &Tensor) -> Result<Tensor> {
         let width = self.down_proj.weight.dim(1)?;
@@ -481,13 +484,6 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.down_proj.forward(&self.activations(x)?)
-    }
-}
-
-impl Mlp {
-    /// `residual + self.forward(x)`, the sum taken by the down projection.
-    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward_add(&self.activations(x)?, residual)
     }
 }
 

@@ -281,47 +281,34 @@ impl CustomOp1 for SwiGluPacked {
 }
 
 /// SwiGLU of two projections of the same input, `silu(x W_gᵀ) · (x W_uᵀ)`: x (…, in), W_g and
-/// W_u (width, in) → (…, width). The two GEMMs write the halves of one packed `[gate | up]`
-/// buffer that the op keeps for its backward, so neither a concatenated weight (a copy forward,
-/// slices and their accumulators backward) nor the packed product is a tensor of candle's graph.
+/// W_u (width, in) → (…, width). The two products are kept by the op for its backward, so neither
+/// a concatenated weight (a copy forward, slices and their accumulators backward) nor a packed
+/// product is a tensor of candle's graph.
 pub(super) struct SwiGluLinear {
-    /// Whether a backward will run (the packed product is kept for it).
+    /// Whether a backward will run (the products are kept for it).
     pub keep: bool,
-    pub saved: std::sync::Arc<std::sync::Mutex<Option<Vec<f32>>>>,
+    pub saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl SwiGluLinear {
     /// (rows, in, width) of x (…, in) and the two (width, in) weights.
     fn sizes(x: &[usize], wg: &[usize], wu: &[usize]) -> Result<(usize, usize, usize)> {
-        match (x.last(), wg, wu) {
-            (Some(&i), &[w, gi], &[uw, ui]) if gi == i && ui == i && uw == w && w > 0 => {
-                Ok((x.iter().product::<usize>() / i.max(1), i, w))
-            }
-            _ => candle_core::bail!("swiglu projections: input {x:?}, weights {wg:?}, {wu:?}"),
+        if wg != wu {
+            candle_core::bail!("swiglu projections: weights {wg:?} and {wu:?}");
         }
+        Linear::sizes(x, wg)
     }
 
-    /// The packed `[x W_gᵀ | x W_uᵀ]` rows, (rows × 2·width).
-    fn gate_up(x: &[f32], wg: &[f32], wu: &[f32], (rows, i, w): (usize, usize, usize)) -> Vec<f32> {
+    /// `x W_gᵀ` and `x W_uᵀ`, each (rows × width), in fresh memory.
+    fn gate_up(
+        x: &[f32],
+        wg: &[f32],
+        wu: &[f32],
+        (rows, i, w): (usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>) {
         let threads = candle_core::utils::get_num_threads();
-        let mut gu = vec![0f32; rows * 2 * w];
-        for (half, weight) in [wg, wu].into_iter().enumerate() {
-            let dst = &mut gu[half * w..];
-            gemm_f32(
-                rows,
-                w,
-                i,
-                dst,
-                (1, 2 * w),
-                false,
-                x,
-                (1, i),
-                weight,
-                (i, 1),
-                threads,
-            );
-        }
-        gu
+        let product = |weight| gemm_f32_alloc((rows, w, i), x, (1, i), weight, (i, 1), threads);
+        (product(wg), product(wu))
     }
 }
 
@@ -347,14 +334,14 @@ impl CustomOp3 for SwiGluLinear {
         );
         let sizes = Self::sizes(lx.dims(), lg.dims(), lu.dims())?;
         let (rows, _, w) = sizes;
-        let gu = Self::gate_up(x, wg, wu, sizes);
+        let (gate, up) = Self::gate_up(x, wg, wu, sizes);
         let mut out = vec![0f32; rows * w];
         map_rows(&mut out, w, |r, o| {
-            let row = &gu[2 * w * r..2 * w * (r + 1)];
-            vexp::swiglu(&row[..w], &row[w..], o);
+            let row = w * r..w * (r + 1);
+            vexp::swiglu(&gate[row.clone()], &up[row], o);
         });
         if self.keep {
-            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(gu);
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((gate, up));
         }
         let mut dims = lx.dims().to_vec();
         *dims.last_mut().expect("checked: at least one dimension") = w;
@@ -377,24 +364,24 @@ impl CustomOp3 for SwiGluLinear {
         with_data(x, name, |xs| {
             with_data(wg, name, |g_w| {
                 with_data(wu, name, |u_w| {
-                    // The forward's packed product, or the same GEMMs again if it kept none.
+                    // The forward's products, or the same GEMMs again if it kept none.
                     let kept = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    let gu = match kept {
-                        Some(gu) if gu.len() == rows * 2 * w => gu,
+                    let (gate, up) = match kept {
+                        Some((gate, up)) if gate.len() == rows * w => (gate, up),
                         _ => Self::gate_up(xs, g_w, u_w, sizes),
                     };
                     // [dgate | dup] (rows × 2·width).
                     let dgu = with_data(&dy, name, |g| {
                         let mut dgu = vec![0f32; rows * 2 * w];
                         map_rows(&mut dgu, 2 * w, |r, o| {
-                            let row = &gu[2 * w * r..2 * w * (r + 1)];
+                            let row = w * r..w * (r + 1);
                             let (dg, du) = o.split_at_mut(w);
-                            let g = &g[w * r..w * (r + 1)];
-                            vexp::swiglu_grad(&row[..w], &row[w..], g, dg, du);
+                            let (gr, ur) = (&gate[row.clone()], &up[row.clone()]);
+                            vexp::swiglu_grad(gr, ur, &g[row], dg, du);
                         });
                         Ok(dgu)
                     })?;
-                    drop(gu);
+                    drop((gate, up));
                     let dx = if x.track_op() {
                         // dx (rows×in) = dgate · W_g + dup · W_u.
                         let mut dx =
@@ -436,16 +423,6 @@ impl CustomOp3 for SwiGluLinear {
 /// GEMM on candle's thread count, and only where a gradient flows.
 pub(super) struct Linear;
 
-impl Linear {
-    /// (rows, in, out) of x (…, in) and W (out, in).
-    fn sizes(x: &[usize], w: &[usize]) -> Result<(usize, usize, usize)> {
-        match (x.last(), w) {
-            (Some(&i), &[o, wi]) if i == wi => Ok((x.iter().product::<usize>() / i.max(1), i, o)),
-            _ => candle_core::bail!("linear: input {x:?} for weight {w:?}"),
-        }
-    }
-}
-
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
         "distill-linear"
@@ -477,6 +454,14 @@ impl CustomOp2 for Linear {
 }
 
 impl Linear {
+    /// (rows, in, out) of x (…, in) and W (out, in).
+    fn sizes(x: &[usize], w: &[usize]) -> Result<(usize, usize, usize)> {
+        match (x.last(), w) {
+            (Some(&i), &[o, wi]) if i == wi => Ok((x.iter().product::<usize>() / i.max(1), i, o)),
+            _ => candle_core::bail!("linear: input {x:?} for weight {w:?}"),
+        }
+    }
+
     /// `[r +] x · Wᵀ`, (…, out).
     fn forward(
         x: &[f32],
@@ -574,11 +559,20 @@ impl CustomOp3 for LinearAdd {
             host_f32(sw, lw, name)?,
             host_f32(sr, lr, name)?,
         );
-        let (y, shape) = Linear::forward(x, lx, w, lw, Some(r))?;
-        if &shape != lr.shape() {
-            candle_core::bail!("{name}: residual {:?} for output {shape:?}", lr.dims());
+        // The output's shape: x's with the last dimension W's rows.
+        let out = match (lx.dims().split_last(), lw.dims().first()) {
+            (Some((_, lead)), Some(&o)) => Some([lead, &[o]].concat()),
+            _ => None,
+        };
+        if out.as_deref() != Some(lr.dims()) {
+            candle_core::bail!(
+                "{name}: residual {:?} for input {:?}, weight {:?}",
+                lr.dims(),
+                lx.dims(),
+                lw.dims()
+            );
         }
-        Ok((y, shape))
+        Linear::forward(x, lx, w, lw, Some(r))
     }
 
     fn bwd(

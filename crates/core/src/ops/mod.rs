@@ -281,19 +281,24 @@ pub fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
     })?))
 }
 
+/// Whether [`linear`]'s op takes `x` (…, in) and `W` (out, in): f32 CPU tensors of those shapes,
+/// and more than one row or a gradient to compute (one row without is [`cpu_gemv`]'s).
+fn linear_fits(x: &Tensor, w: &Tensor, grad: bool) -> Result<bool> {
+    Ok(cpu_f32(&[x, w])
+        && w.rank() == 2
+        && w.dim(1)? > 0
+        && x.rank() >= 1
+        && x.dims().last() == Some(&w.dim(1)?)
+        && (x.elem_count() / w.dim(1)?.max(1) > 1 || grad))
+}
+
 /// `x Wᵀ` over the last dimension of `x` (…, in) for a weight (out, in) → (…, out), as one op
 /// forward and backward: the GEMMs called directly, where candle's graph for it (reshape, a
 /// transposed weight, matmul, reshape) adds a zero-filled gradient accumulator and a pass for
 /// each of those nodes to every step's backward. None unless both are f32 CPU tensors of those
 /// shapes, or for a single row that needs no gradient ([`cpu_gemv`] serves that).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let fits = cpu_f32(&[x, w])
-        && w.rank() == 2
-        && w.dim(1)? > 0
-        && x.rank() >= 1
-        && x.dims().last() == Some(&w.dim(1)?)
-        && (x.elem_count() / w.dim(1)?.max(1) > 1 || needs_grad(&[x, w]));
-    if !fits {
+    if !linear_fits(x, w, needs_grad(&[x, w]))? {
         return Ok(None);
     }
     Ok(Some(
@@ -305,15 +310,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// ([`linear`]'s GEMMs with `r` as the product's initial value; its gradient is the output's).
 /// None where [`linear`] declines or `r` is not an f32 CPU tensor of the output's shape.
 pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Option<Tensor>> {
-    let fits = cpu_f32(&[x, w, r])
-        && w.rank() == 2
-        && w.dim(1)? > 0
-        && x.rank() >= 1
-        && x.dims().last() == Some(&w.dim(1)?)
+    let fits = linear_fits(x, w, needs_grad(&[x, w, r]))?
+        && cpu_f32(&[r])
         && r.rank() == x.rank()
         && r.dims()[..r.rank() - 1] == x.dims()[..x.rank() - 1]
-        && r.dims().last() == Some(&w.dim(0)?)
-        && (x.elem_count() / w.dim(1)?.max(1) > 1 || needs_grad(&[x, w, r]));
+        && r.dims().last() == Some(&w.dim(0)?);
     if !fits {
         return Ok(None);
     }
@@ -419,7 +420,7 @@ pub fn swiglu_linear(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Optio
     }
     let op = grad::SwiGluLinear {
         keep: needs_grad(&[x, w_gate, w_up]),
-        saved: Default::default(),
+        saved: std::sync::Mutex::new(None),
     };
     Ok(Some(x.contiguous()?.apply_op3(
         &w_gate.contiguous()?,
