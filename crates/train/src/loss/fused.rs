@@ -116,8 +116,9 @@ impl LmHeadKd {
         };
         // dW accumulates transposed, (d × V) row-major: gemm runs that product at the speed of
         // the other two (≈ 300 GFLOP/s on the 4L/256 student's shapes), where the (V × d) layout
-        // packs the chunk's gradient first and reaches ≈ 190 (BENCHMARKS.md, fifth pass); one
-        // transpose at the end costs a pass over the projection. The first chunk overwrites.
+        // packs the chunk's gradient first and reaches ≈ 205 (BENCHMARKS.md, fifth pass; the
+        // `gemm_layouts` example of distill-core times both); one transpose at the end costs a
+        // pass over the projection. The first chunk overwrites.
         let mut dwt = if self.need_dw {
             take_scratch(d * v)
         } else {
