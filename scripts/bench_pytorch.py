@@ -4,6 +4,10 @@ dir, so BENCHMARKS.md can give ratios measured in one session on one machine.
 
 Run with:
   python3 scripts/bench_pytorch.py teacher --model models/smollm2-135m-instruct [--batch 8] [--seq-len 256]
+      [--precision f32|bf16|autocast] [--tokens data/tokens/corpus]
+      # bf16: the model in torch.bfloat16; autocast: f32 weights under torch.autocast(bfloat16).
+      # With --tokens the batches are the train split's first sequences (as `distill bench cache`),
+      # and at bf16/autocast the distributions are compared with the f32 forward's (KL, top-1).
   python3 scripts/bench_pytorch.py gemm [--shapes 1024x1536x576,...] [--iters 5]
   python3 scripts/bench_pytorch.py train [--top-k 0|64] [--temperature 2] [--batch 8] [--seq-len 256]
       [--student DIR [--freeze-embeddings]]   # e.g. a pruned SmolLM2 (the healing workload)
@@ -13,26 +17,65 @@ Prints one JSON object with the same keys as `distill bench teacher|train --json
 """
 import argparse
 import json
+import os
 import time
 
 import torch
 
 
+def train_sequences(tokens, n):
+    """The first `n` sequences of a `distill prepare` dir's train split (raw u32 shards)."""
+    meta = json.load(open(os.path.join(tokens, "meta.json")))
+    t = meta["seq_len"]
+    out = []
+    for shard in meta["splits"]["train"]["shards"]:
+        data = open(os.path.join(tokens, shard["file"]), "rb").read()
+        ids = torch.frombuffer(bytearray(data), dtype=torch.int32).to(torch.int64).reshape(-1, t)
+        out.append(ids[: n - sum(len(o) for o in out)])
+        if sum(len(o) for o in out) >= n:
+            break
+    return torch.cat(out)
+
+
 def bench_teacher(args):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     model.eval()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=g)
-    with torch.inference_mode():
-        model(ids).logits.sum().item()  # warm-up
+    if args.tokens:
+        seqs = train_sequences(args.tokens, args.batch * args.iters)
+        batches = list(seqs.split(args.batch))
+    else:
+        batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=g)] * args.iters
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "autocast")
+    with torch.inference_mode(), autocast:
+        model(batches[0]).logits.float().sum().item()  # warm-up
         start = time.perf_counter()
-        for _ in range(args.iters):
+        for ids in batches:
             # All-position logits, as distillation needs.
-            model(ids).logits.sum().item()
-        prefill = args.iters * args.batch * args.seq_len / (time.perf_counter() - start)
+            model(ids).logits.float().sum().item()
+        prefill = sum(b.numel() for b in batches) / (time.perf_counter() - start)
+        agreement = None
+        if args.precision != "f32":
+            reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+            kl, top1 = [], []
+            for ids in batches:
+                lp = torch.log_softmax(model(ids).logits.double(), -1)
+                with torch.autocast("cpu", enabled=False):
+                    lr = torch.log_softmax(reference(ids).logits.double(), -1)
+                kl.append((lr.exp() * (lr - lp)).sum(-1).flatten())
+                top1.append((lr.argmax(-1) == lp.argmax(-1)).flatten())
+            kl, top1 = torch.cat(kl), torch.cat(top1)
+            agreement = {
+                "kl_mean": kl.mean().item(),
+                "kl_p99": kl.sort().values[(len(kl) * 99) // 100].item(),
+                "kl_max": kl.max().item(),
+                "top1": top1.double().mean().item(),
+                "positions": len(kl),
+            }
 
         prompt = torch.randint(0, vocab, (1, 16), generator=g)
         out = model(prompt, use_cache=True)
@@ -48,12 +91,14 @@ def bench_teacher(args):
         "prefill_tokens_per_second": prefill,
         "decode_tokens_per_second": decode,
         "batch": args.batch,
-        "seq_len": args.seq_len,
+        "seq_len": batches[0].shape[1],
         "decode_tokens": args.decode_tokens,
         "iterations": args.iters,
         "threads": torch.get_num_threads(),
         "device": "cpu",
         "peer": f"torch {torch.__version__}",
+        "precision": args.precision,
+        "f32_agreement": agreement,
     }
 
 
@@ -164,6 +209,8 @@ def main():
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--iters", type=int, default=3)
     t.add_argument("--decode-tokens", type=int, default=64)
+    t.add_argument("--precision", choices=["f32", "bf16", "autocast"], default="f32")
+    t.add_argument("--tokens", help="a `distill prepare` dir: time its first train sequences")
     gm = sub.add_parser("gemm")
     gm.add_argument("--shapes", default="1024x1536x576,1024x576x1536,1024x49152x576")
     gm.add_argument("--iters", type=int, default=5)

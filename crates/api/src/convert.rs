@@ -271,6 +271,7 @@ pub fn prepare_collected(opts: &PrepareCollectedOptions) -> Result<PrepareCollec
             shard_sequences: opts.shard_sequences,
             max_sequences: None,
             batch_size: 1,
+            teacher_precision: Default::default(),
         };
         let mut manifest = CacheManifest {
             format_version: CACHE_FORMAT_VERSION,

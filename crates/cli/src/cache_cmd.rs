@@ -31,6 +31,11 @@ pub struct CacheArgs {
     /// Sequences per teacher forward.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Precision of the teacher's products: bf16 (inputs and weights rounded, sums in f32) runs
+    /// on AMX tiles, several times faster where the CPU has them, at a small KL to f32
+    /// (`distill bench cache --teacher-precision bf16` measures both). Recorded in the manifest.
+    #[arg(long, default_value = "f32")]
+    teacher_precision: String,
     /// Process only part I of N (every N-th shard), e.g. `--shard 0/4` … `--shard 3/4` on four
     /// machines; then `distill cache --merge` on the assembled dir.
     #[arg(long, value_name = "I/N")]
@@ -88,9 +93,15 @@ pub fn cache(a: CacheArgs) -> Result<()> {
     if a.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
+    let precision: distill_core::Precision =
+        a.teacher_precision.parse().context("--teacher-precision")?;
     let device = parse_device(&a.device.device)?;
-    let teacher = ModelDir::load(teacher_dir, &device)?;
+    let mut teacher = ModelDir::load(teacher_dir, &device)?;
     let hash = teacher.hash()?;
+    teacher
+        .model
+        .set_precision(precision)
+        .with_context(|| format!("--teacher-precision {precision}"))?;
     let splits = if a.splits.is_empty() {
         tokens.splits.keys().cloned().collect()
     } else {
@@ -149,6 +160,10 @@ pub struct BenchCacheArgs {
     iters: usize,
     #[arg(long, default_value_t = 64)]
     top_k: usize,
+    /// Precision of the teacher's products (as `distill cache`); at bf16 the f32 forward is
+    /// timed too and the two forwards' distributions compared (KL, top-1, top-k overlap).
+    #[arg(long, default_value = "f32")]
+    teacher_precision: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -160,14 +175,23 @@ pub fn bench(a: BenchCacheArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
     let teacher = ModelDir::load(&a.teacher, &device)?;
     let hash = teacher.hash()?;
-    let r =
-        distill_teacher::bench::bench_cache(&teacher, &hash, &a.tokens, a.batch, a.iters, a.top_k)?;
+    let r = distill_teacher::bench::bench_cache(
+        &teacher,
+        &hash,
+        &a.tokens,
+        a.batch,
+        a.iters,
+        a.top_k,
+        a.teacher_precision.parse()?,
+    )
+    .with_context(|| format!("--teacher-precision {}", a.teacher_precision))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "cache {}: {:.1} tok/s vs bare teacher forward {:.1} tok/s = {:.2}×, {:.1} bytes/token (k={}, f16), batch {} × {}, peak RSS {:.0} MB, {} threads on {}",
+            "cache {} ({} products): {:.1} tok/s vs bare teacher forward {:.1} tok/s = {:.2}×, {:.1} bytes/token (k={}, f16), batch {} × {}, peak RSS {:.0} MB, {} threads on {}",
             a.teacher.display(),
+            r.teacher_precision,
             r.cache_tokens_per_second,
             r.forward_tokens_per_second,
             r.ratio,
@@ -179,6 +203,22 @@ pub fn bench(a: BenchCacheArgs) -> Result<()> {
             r.threads,
             r.device
         );
+        if let (Some(f), Some(g)) = (r.f32_forward_tokens_per_second, &r.f32_agreement) {
+            println!(
+                "f32 forward {:.1} tok/s ({:.2}× at {}); against f32 over {} positions: KL mean {:.2e}, p99 {:.2e}, max {:.2e} nats; top-1 {:.2}%, top-{} overlap {:.2}%, cached log-prob max |Δ| {:.3}",
+                f,
+                r.forward_tokens_per_second / f,
+                r.teacher_precision,
+                g.positions,
+                g.kl_mean,
+                g.kl_p99,
+                g.kl_max,
+                100.0 * g.top1,
+                r.top_k,
+                100.0 * g.topk_overlap,
+                g.topk_logprob_max_abs
+            );
+        }
     }
     Ok(())
 }

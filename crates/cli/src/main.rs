@@ -288,6 +288,9 @@ struct BenchTeacherArgs {
     /// Timed decode steps.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Precision of the model's products (f32, or bf16 on AMX: see `distill cache`).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -591,7 +594,10 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 
 fn bench_teacher(a: BenchTeacherArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
-    let m = ModelDir::load(&a.model, &device)?;
+    let mut m = ModelDir::load(&a.model, &device)?;
+    m.model
+        .set_precision(a.precision.parse()?)
+        .with_context(|| format!("--precision {}", a.precision))?;
     let r = distill_teacher::bench::bench_model(
         &m.model,
         a.batch,
@@ -603,8 +609,9 @@ fn bench_teacher(a: BenchTeacherArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "teacher {}: full-sequence {:.1} tok/s (batch {} × {}), decode {:.1} tok/s (batch 1), {} threads on {}",
+            "teacher {} ({} products): full-sequence {:.1} tok/s (batch {} × {}), decode {:.1} tok/s (batch 1), {} threads on {}",
             a.model.display(),
+            a.precision,
             r.prefill_tokens_per_second,
             r.batch,
             r.seq_len,

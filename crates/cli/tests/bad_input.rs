@@ -304,6 +304,22 @@ fn cache_runs_resumes_and_refuses_bad_inputs() {
     );
     assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), manifest);
 
+    // The teacher at another precision: refused the same way where the CPU runs bf16; where it
+    // cannot, refused before anything is read or written.
+    let (code, _, err) = run(with(&["--top-k", "4", "--teacher-precision", "bf16"]));
+    if distill_core::ops::bf16::available() {
+        check_failure(
+            code,
+            &err,
+            &["manifest.json", "teacher precision f32 on disk vs bf16"],
+        );
+    } else {
+        check_failure(code, &err, &["--teacher-precision bf16", "AMX-BF16"]);
+    }
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), manifest);
+    let (code, _, err) = run(with(&["--teacher-precision", "fp8"]));
+    check_failure(code, &err, &["--teacher-precision", "fp8"]);
+
     // A bad --shard.
     let (code, _, err) = run(with(&["--shard", "2/2"]));
     check_failure(code, &err, &["--shard 2/2", "I/N"]);

@@ -24,6 +24,7 @@
 use crate::digest::hex;
 use crate::error::{Error, FileContext, Result};
 use crate::fsio::{read_text, write_atomic};
+use crate::model::Precision;
 use crate::shards::TokenShardsMeta;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,10 @@ pub struct CacheSettings {
     /// Sequences per teacher forward. It does not change the values' meaning, but floating-point
     /// results can depend on the batch shape, so it is part of what makes shards reproducible.
     pub batch_size: usize,
+    /// The precision of the teacher's products (`distill cache --teacher-precision`); absent
+    /// from manifests of f32 caches, as before it existed.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub teacher_precision: Precision,
 }
 
 impl CacheSettings {
@@ -161,6 +166,11 @@ impl CacheSettings {
             "batch size",
             self.batch_size.to_string(),
             other.batch_size.to_string(),
+        );
+        cmp(
+            "teacher precision",
+            self.teacher_precision.to_string(),
+            other.teacher_precision.to_string(),
         );
         d
     }

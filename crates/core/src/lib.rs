@@ -26,7 +26,7 @@ pub use cache::TeacherTargets;
 pub use config::{Arch, Config, Gemma3, HfConfig};
 pub use device::parse_device;
 pub use error::{Error, Result};
-pub use model::{CausalLm, KvCache, Probe};
+pub use model::{CausalLm, KvCache, Precision, Probe};
 pub use model_card::ModelCard;
 pub use model_dir::{save_model_dir, ModelDir};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -10,11 +10,53 @@ use crate::ops;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
+/// The precision of a frozen model's products (the linear layers and the lm_head): f32, or bf16
+/// inputs and weights summed in f32 on AMX tiles ([`ops::bf16`]), several times faster where the
+/// CPU has them. Trained weights are always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(crate::Error::Msg(format!(
+                "precision '{s}': expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
 /// `y = x Wᵀ + b` over the last dimension, flattening leading dimensions into one GEMM.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor, // (out, in)
     pub bias: Option<Tensor>,
+    /// The frozen weight in bf16 AMX tiles ([`CausalLm::set_precision`]): products through
+    /// [`ops::bf16::linear`] where it takes the input.
+    pub bf16: Option<std::sync::Arc<ops::bf16::PackedBf16>>,
 }
 
 impl Linear {
@@ -31,11 +73,44 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            bf16: None,
+        })
+    }
+
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            bf16: None,
+        }
+    }
+
+    /// Sets the precision of this (frozen) weight's products: bf16 packs it into AMX tiles.
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => {
+                if self.weight.track_op() {
+                    candle_core::bail!("bf16 products are for frozen weights; this one is trained")
+                }
+                Some(std::sync::Arc::new(ops::bf16::PackedBf16::from_tensor(
+                    &self.weight,
+                )?))
+            }
+        };
+        Ok(())
     }
 
     /// `residual + self(x)`: one op on the CPU in f32 ([`ops::linear_add`]) without a bias.
     fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if let (None, Some(p)) = (&self.bias, &self.bf16) {
+            if let Some(y) = ops::bf16::linear(x, p, Some(residual))? {
+                return Ok(y);
+            }
+        }
         if self.bias.is_none() {
             if let Some(y) = ops::linear_add(x, &self.weight, residual)? {
                 return Ok(y);
@@ -47,6 +122,14 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(p) = &self.bf16 {
+            if let Some(y) = ops::bf16::linear(x, p, None)? {
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
+        }
         if self.bias.is_none() {
             if let Some(y) = ops::linear(x, &self.weight)? {
                 return Ok(y);
@@ -223,10 +306,7 @@ impl Projections {
             Some(Tensor::cat(&biases, 0)?)
         };
         Ok(Projections::Fused {
-            proj: Linear {
-                weight: Tensor::cat(&weights, 0)?,
-                bias,
-            },
+            proj: Linear::new(Tensor::cat(&weights, 0)?, bias),
             widths,
         })
     }
@@ -247,12 +327,17 @@ impl Projections {
                     // Some parts with a bias, some without: one product each.
                     _ => return Tensor::cat(&self.forward(x)?, D::Minus1),
                 };
-                Linear {
-                    weight: Tensor::cat(&weights, 0)?,
-                    bias,
-                }
-                .forward(x)
+                Linear::new(Tensor::cat(&weights, 0)?, bias).forward(x)
             }
+        }
+    }
+
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        match self {
+            Projections::Fused { proj, .. } => proj.set_precision(precision),
+            Projections::Separate(parts) => parts
+                .iter_mut()
+                .try_for_each(|p| p.set_precision(precision)),
         }
     }
 
@@ -291,6 +376,11 @@ struct Attention {
 }
 
 impl Attention {
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.qkv.set_precision(precision)?;
+        self.o_proj.set_precision(precision)
+    }
+
     fn load(vb: VarBuilder, cfg: &Config, window: Option<usize>) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
@@ -452,6 +542,11 @@ impl Mlp {
 }
 
 impl Mlp {
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.gate_up.set_precision(precision)?;
+        self.down_proj.set_precision(precision)
+    }
+
     /// `residual + self.forward(x)`, the sum taken by the down projection.
     fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         self.down_proj.forward_add(&self.activations(x)?, residual)
@@ -599,6 +694,7 @@ pub struct CausalLm {
     /// Embeddings are multiplied by this on the way in (Gemma: √hidden, rounded to f32).
     embed_scale: Option<f64>,
     cfg: Config,
+    precision: Precision,
 }
 
 /// The additive masks of one forward, one per distinct attention window among the layers
@@ -644,10 +740,7 @@ impl CausalLm {
             cfg.norm_offset(),
         )?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear {
-                weight: embed_tokens.clone(),
-                bias: None,
-            }
+            Linear::new(embed_tokens.clone(), None)
         } else {
             Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
@@ -667,6 +760,7 @@ impl CausalLm {
                 _ => None,
             },
             cfg: cfg.clone(),
+            precision: Precision::F32,
         })
     }
 
@@ -697,6 +791,36 @@ impl CausalLm {
             var.set(&Tensor::from_vec(values, var.as_tensor().shape(), device)?)?;
         }
         Ok((model, varmap))
+    }
+
+    /// Sets the precision of every linear layer's and the lm_head's products. bf16 needs a CPU
+    /// with AMX-BF16 and frozen weights (a teacher); it keeps the f32 weights (the embedding
+    /// lookup, and f32 products wherever the AMX path declines an input) and adds a bf16 copy
+    /// of each, half their size.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if precision == Precision::Bf16 {
+            if !self.device().is_cpu() {
+                candle_core::bail!(
+                    "bf16 products run on the CPU's AMX tiles; this model is on a GPU"
+                )
+            }
+            if !ops::bf16::available() {
+                candle_core::bail!(
+                    "bf16 products need AMX-BF16, which this CPU or OS does not offer; use f32"
+                )
+            }
+        }
+        for layer in &mut self.layers {
+            layer.self_attn.set_precision(precision)?;
+            layer.mlp.set_precision(precision)?;
+        }
+        self.lm_head.set_precision(precision)?;
+        self.precision = precision;
+        Ok(())
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn config(&self) -> &Config {

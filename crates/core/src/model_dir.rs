@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// A model dir opened for inference: the model (f32 weights, memory-mapped), its config and its
 /// tokenizer.
+#[derive(Clone)]
 pub struct ModelDir {
     pub dir: PathBuf,
     pub model: CausalLm,

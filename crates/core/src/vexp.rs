@@ -186,6 +186,18 @@ multiversion! {
 }
 
 multiversion! {
+    /// f32 → bf16 bits, rounded to nearest even, NaN kept a (quiet) NaN: `out[i]` from `x[i]`.
+    pub fn to_bf16(x: &[f32], out: &mut [u16]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let b = v.to_bits();
+            let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+            let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+            *o = if nan { ((b >> 16) | 0x40) as u16 } else { rounded };
+        }
+    }
+}
+
+multiversion! {
     /// SwiGLU: `out = silu(g) · u`, `silu(g) = g σ(g)`.
     pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {

@@ -271,3 +271,66 @@ fn mmap_builder_names_truncated_file() {
         "{err}"
     );
 }
+
+/// bf16 products (AMX) for a frozen model, Llama, Qwen2 (biases, untied head) and Gemma 3: the
+/// full forward and the KV-cache steps stay within bf16 rounding of f32, `F32` restores f32
+/// exactly, and a trained model refuses bf16.
+#[test]
+fn bf16_products_track_f32_and_refuse_trained_weights() {
+    let qwen2 = Config {
+        vocab_size: tiny_config().vocab_size,
+        ..Config::tiny_qwen2()
+    };
+    let (trained, _) = random_model(&tiny_config(), 1).unwrap();
+    let err = trained
+        .clone()
+        .set_precision(distill_core::Precision::Bf16)
+        .unwrap_err()
+        .to_string();
+    if !distill_core::ops::bf16::available() {
+        assert!(err.contains("need AMX-BF16"), "{err}");
+        return;
+    }
+    assert!(err.contains("frozen weights"), "{err}");
+    for cfg in [tiny_config(), qwen2, tiny_gemma3()] {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model_dir(dir.path(), &cfg, 5).unwrap();
+        let (f32_model, _) = load_model(dir.path(), &Device::Cpu).unwrap();
+        let mut model = f32_model.clone();
+        model.set_precision(distill_core::Precision::Bf16).unwrap();
+        assert_eq!(model.precision(), distill_core::Precision::Bf16);
+        let x = ids(2, 9, cfg.vocab_size);
+        let want = f32_model.forward(&x).unwrap();
+        let got = model.forward(&x).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&want, &got);
+        assert!(
+            d > 0.0 && d < 0.02 * scale,
+            "bf16 forward off by {d} (scale {scale})"
+        );
+        // Decoding one token at a time takes the same products.
+        let mut cache = KvCache::new(model.config());
+        let mut last = None;
+        for t in 0..9 {
+            last = Some(
+                model
+                    .forward_cached(
+                        &x.narrow(1, t, 1).unwrap().narrow(0, 0, 1).unwrap(),
+                        &mut cache,
+                    )
+                    .unwrap(),
+            );
+        }
+        let step = last.unwrap().flatten_all().unwrap();
+        let full = got.get(0).unwrap().get(8).unwrap();
+        assert!(max_abs_diff(&step, &full) < 0.02 * scale);
+        model.set_precision(distill_core::Precision::F32).unwrap();
+        assert_eq!(max_abs_diff(&want, &model.forward(&x).unwrap()), 0.0);
+    }
+}

@@ -3,7 +3,8 @@
 //! cache. Not part of the test suite.
 
 use candle_core::Tensor;
-use distill_core::{CausalLm, KvCache, Result};
+use distill_core::logits::row_topk;
+use distill_core::{CausalLm, KvCache, Precision, Result};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -89,11 +90,36 @@ pub struct CacheBench {
     pub peak_rss_bytes: u64,
     pub threads: usize,
     pub device: String,
+    /// The precision of the teacher's products in the cache and the forward above.
+    pub teacher_precision: Precision,
+    /// At a precision other than f32: the f32 forward on the same batches, and how far the
+    /// targets moved from it.
+    pub f32_forward_tokens_per_second: Option<f64>,
+    pub f32_agreement: Option<Agreement>,
+}
+
+/// How the teacher's next-token distributions at some precision compare with its f32 ones, per
+/// position of the bench's batches.
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    /// KL(p_f32 ‖ p), full vocabulary, in nats: mean, 99th percentile, max over positions.
+    pub kl_mean: f64,
+    pub kl_p99: f64,
+    pub kl_max: f64,
+    /// Positions whose most likely token is the same.
+    pub top1: f64,
+    /// Of the f32 top-k ids, the fraction also in the top-k (k of the cache).
+    pub topk_overlap: f64,
+    /// Largest difference of a cached log-prob (an f32 top-k id's log-prob, both sides).
+    pub topk_logprob_max_abs: f64,
+    pub positions: usize,
 }
 
 /// Caching throughput as a ratio of the bare teacher forward, on the first `batch · iters`
-/// sequences of the train split. The forward is timed after a warm-up; the cache is built for
-/// real (in a temporary dir, removed afterwards) with one shard.
+/// sequences of the train split, with the teacher's products at `precision`. The forward is
+/// timed after a warm-up; the cache is built for real (in a temporary dir, removed afterwards)
+/// with one shard. At bf16 the f32 forward is timed on the same batches too, and the two
+/// forwards' distributions compared ([`Agreement`]).
 pub fn bench_cache(
     teacher: &distill_core::ModelDir,
     teacher_hash: &str,
@@ -101,6 +127,7 @@ pub fn bench_cache(
     batch: usize,
     iters: usize,
     top_k: usize,
+    precision: Precision,
 ) -> Result<CacheBench> {
     use crate::cache::{build_cache, CacheOptions};
     use distill_core::shards::TokenShards;
@@ -116,16 +143,30 @@ pub fn bench_cache(
             Tensor::from_vec(ids, (b, t), device)
         })
         .collect::<candle_core::Result<_>>()?;
-    teacher
-        .model
-        .forward(&batches[0])?
-        .sum_all()?
-        .to_scalar::<f32>()?; // warm-up
-    let start = Instant::now();
-    for ids in &batches {
-        teacher.model.forward(ids)?.sum_all()?.to_scalar::<f32>()?;
-    }
-    let forward = (n * t) as f64 / start.elapsed().as_secs_f64();
+    // The bare forward's speed, after a warm-up.
+    let timed = |model: &CausalLm| -> Result<f64> {
+        model.forward(&batches[0])?.sum_all()?.to_scalar::<f32>()?;
+        let start = Instant::now();
+        for ids in &batches {
+            model.forward(ids)?.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok((n * t) as f64 / start.elapsed().as_secs_f64())
+    };
+    let mut fast = teacher.clone();
+    fast.model.set_precision(precision)?;
+    let forward = timed(&fast.model)?;
+    let (f32_forward, agreement) = if precision.is_f32() {
+        (None, None)
+    } else {
+        let reference = &teacher.model;
+        let f32_forward = timed(reference)?;
+        let mut acc = AgreementSum::default();
+        for ids in &batches {
+            acc.add(&reference.forward(ids)?, &fast.model.forward(ids)?, top_k)?;
+        }
+        (Some(f32_forward), Some(acc.finish()))
+    };
+    let teacher = &fast;
 
     let out = std::env::temp_dir().join(format!("distill-bench-cache-{}", std::process::id()));
     let opts = CacheOptions {
@@ -152,5 +193,81 @@ pub fn bench_cache(
         peak_rss_bytes: distill_core::device::peak_rss_bytes().unwrap_or(0),
         threads: distill_core::device::cpu_threads(),
         device: distill_core::device::device_name(device),
+        teacher_precision: precision,
+        f32_forward_tokens_per_second: f32_forward,
+        f32_agreement: agreement,
     })
+}
+
+/// Per-position comparisons, gathered over batches.
+#[derive(Default)]
+struct AgreementSum {
+    kl: Vec<f64>,
+    top1: usize,
+    overlap: usize,
+    kept: usize,
+    lp_max: f64,
+}
+
+impl AgreementSum {
+    /// Adds the positions of one batch's logits (…, V): `reference` f32, `other` at the other
+    /// precision.
+    fn add(&mut self, reference: &Tensor, other: &Tensor, k: usize) -> Result<()> {
+        use rayon::prelude::*;
+        let v = reference.dim(candle_core::D::Minus1)?;
+        let a = reference.flatten_all()?.to_vec1::<f32>()?;
+        let b = other.flatten_all()?.to_vec1::<f32>()?;
+        let k = k.clamp(1, v);
+        let rows: Vec<(f64, bool, usize, f64)> = a
+            .par_chunks(v)
+            .zip(b.par_chunks(v))
+            .map(|(p, q)| {
+                let lse = |r: &[f32]| {
+                    let m = r.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                    m + r.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+                };
+                let (lp, lq) = (lse(p), lse(q));
+                let kl: f64 = p
+                    .iter()
+                    .zip(q)
+                    .map(|(&x, &y)| {
+                        let (x, y) = (x as f64 - lp, y as f64 - lq);
+                        x.exp() * (x - y)
+                    })
+                    .sum();
+                let (mut ip, mut iq) = (vec![0u32; k], vec![0u32; k]);
+                let mut scratch = vec![0f32; k];
+                row_topk(p, &mut ip, &mut scratch);
+                row_topk(q, &mut iq, &mut scratch);
+                let overlap = ip.iter().filter(|i| iq.contains(i)).count();
+                let lp_max = ip
+                    .iter()
+                    .map(|&i| ((p[i as usize] as f64 - lp) - (q[i as usize] as f64 - lq)).abs())
+                    .fold(0.0, f64::max);
+                (kl.max(0.0), ip[0] == iq[0], overlap, lp_max)
+            })
+            .collect();
+        for (kl, same, overlap, lp_max) in rows {
+            self.kl.push(kl);
+            self.top1 += same as usize;
+            self.overlap += overlap;
+            self.kept += k;
+            self.lp_max = self.lp_max.max(lp_max);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Agreement {
+        let n = self.kl.len().max(1);
+        self.kl.sort_by(f64::total_cmp);
+        Agreement {
+            kl_mean: self.kl.iter().sum::<f64>() / n as f64,
+            kl_p99: self.kl.get((n * 99) / 100).copied().unwrap_or(0.0),
+            kl_max: self.kl.last().copied().unwrap_or(0.0),
+            top1: self.top1 as f64 / n as f64,
+            topk_overlap: self.overlap as f64 / self.kept.max(1) as f64,
+            topk_logprob_max_abs: self.lp_max,
+            positions: self.kl.len(),
+        }
+    }
 }

@@ -156,6 +156,7 @@ pub fn settings_for(
         shard_sequences: opts.shard_sequences.max(1),
         max_sequences: opts.max_sequences,
         batch_size: opts.batch_size.max(1),
+        teacher_precision: teacher.model.precision(),
     }
 }
 

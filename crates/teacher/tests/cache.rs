@@ -399,3 +399,53 @@ fn max_sequences_caches_a_prefix_of_each_split() {
         .to_string();
     assert!(err.contains("not in the teacher cache"), "{err}");
 }
+
+/// A cache of the teacher at bf16 (AMX): reruns write the same bytes, the manifest records the
+/// precision, an f32 run refuses to continue it, and its targets are the f32 ones to within the
+/// rounding of bf16 inputs (and not the same bytes: the bf16 products did run).
+#[test]
+fn bf16_teacher_cache_is_reproducible_and_recorded() {
+    if !distill_core::ops::bf16::available() {
+        eprintln!("skipped: no AMX-BF16 on this CPU");
+        return;
+    }
+    let f = fixture();
+    let mut teacher = f.teacher.clone();
+    teacher
+        .model
+        .set_precision(distill_core::Precision::Bf16)
+        .unwrap();
+    let o = opts(4, CacheDType::F32);
+    let (a, b, c) = (f.root.join("a"), f.root.join("b"), f.root.join("f32"));
+    for dir in [&a, &b] {
+        build_cache(&teacher, &f.hash, &f.tokens, dir, &o, |_, _| {}).unwrap();
+    }
+    assert_eq!(shard_files(&a), shard_files(&b));
+    let manifest = std::fs::read_to_string(a.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains(r#""teacher_precision": "bf16""#),
+        "{manifest}"
+    );
+    let err = build(&f, &a, &o).unwrap_err().to_string();
+    assert!(
+        err.contains("teacher precision bf16 on disk vs f32 asked"),
+        "{err}"
+    );
+    build(&f, &c, &o).unwrap();
+    assert!(!std::fs::read_to_string(c.join("manifest.json"))
+        .unwrap()
+        .contains("teacher_precision"));
+    assert_ne!(shard_files(&a), shard_files(&c));
+    let (cache16, cache32) = (
+        TeacherCache::open(&a, &f.meta, &expect(&f)).unwrap(),
+        TeacherCache::open(&c, &f.meta, &expect(&f)).unwrap(),
+    );
+    let seqs: Vec<usize> = (0..TokenShards::open(&f.tokens, "train").unwrap().len()).collect();
+    let (_, lp16, lse16, _) = sparse(cache16.targets("train", &seqs, &Device::Cpu).unwrap());
+    let (_, lp32, lse32, _) = sparse(cache32.targets("train", &seqs, &Device::Cpu).unwrap());
+    // The top-1 log-prob and the logsumexp of each position (ids may swap at near-ties).
+    for row in 0..lse16.len() {
+        assert!((lse16[row] - lse32[row]).abs() < 0.05, "row {row}");
+        assert!((lp16[row * 4] - lp32[row * 4]).abs() < 0.05, "row {row}");
+    }
+}

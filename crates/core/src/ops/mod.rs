@@ -6,6 +6,7 @@
 //! inputs themselves: `Tensor::track_op` is true exactly when a gradient can flow through it.
 
 mod attention;
+pub mod bf16;
 mod grad;
 
 use candle_core::{DType, Result, Tensor, D};

@@ -1,0 +1,586 @@
+//! bf16 products on Intel AMX for frozen weights (the teacher): `x Wᵀ` with `W` rounded to bf16
+//! once and packed into AMX tiles, `x` rounded to bf16 per call (round to nearest even), products
+//! summed in f32 by the tile unit. On a CPU with AMX-BF16 the tile multiply runs several times
+//! faster than the f32 FMA units, so this is the one way past the f32 roofline; the price is the
+//! two roundings (about 3 significant decimal digits of each input), which `distill bench cache
+//! --teacher-precision bf16` measures as a KL to the f32 forward.
+//!
+//! Each output element is one fixed sequence of tile multiplies over K, whatever the thread
+//! count or the row range a thread takes, so results are reproducible (the cache's byte-identical
+//! rerun holds at bf16 too).
+
+use candle_core::{Result, Tensor};
+use std::sync::OnceLock;
+
+/// Rows and f32 columns of a C tile; rows of an A tile and k-pairs of a B tile.
+const TILE: usize = 16;
+/// bf16 values along K in one A-tile row (64 bytes).
+const KB: usize = 32;
+/// Rows of A rounded to bf16 and kept in L2 while every column block of the task streams past.
+const ROW_CHUNK: usize = 256;
+
+/// Whether this CPU and OS run AMX-BF16 tile code (asked once: CPUID, then the Linux permission
+/// to use the tile state, which a process must request before its first tile instruction).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+        return false;
+    }
+    // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): 0 when the kernel grants it.
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a raw arch_prctl syscall; it reads no memory of ours.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// f32 → bf16 bits, rounded to nearest even (NaN stays NaN).
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 bits → f32 (exact).
+#[inline(always)]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// A frozen weight (out × in) in bf16, laid out as AMX B tiles: for each block of 16 outputs, for
+/// each block of 32 inputs, a 16 × 64-byte tile whose row `r` holds, for each output `n` of the
+/// block, the pair (W[n][2r], W[n][2r+1]) of that input block. Outputs and inputs are padded with
+/// zeros to whole blocks (32 outputs, 32 inputs).
+#[derive(Debug)]
+pub struct PackedBf16 {
+    data: Vec<u16>,
+    out: usize,
+    inp: usize,
+    /// Input blocks of 32.
+    kblocks: usize,
+}
+
+impl PackedBf16 {
+    /// Packs `w` (out × in, row-major).
+    pub fn pack(w: &[f32], out: usize, inp: usize) -> Self {
+        use rayon::prelude::*;
+        assert_eq!(w.len(), out * inp, "PackedBf16::pack: weight length");
+        let kblocks = inp.div_ceil(KB);
+        let nblocks = out.div_ceil(2 * TILE) * 2;
+        let panel = kblocks * TILE * KB; // u16 per 16-output panel
+        let mut data = vec![0u16; nblocks * panel];
+        data.par_chunks_mut(panel).enumerate().for_each(|(nb, p)| {
+            for n in 0..TILE {
+                let row = nb * TILE + n;
+                if row >= out {
+                    break;
+                }
+                let src = &w[row * inp..(row + 1) * inp];
+                for (k, &v) in src.iter().enumerate() {
+                    let (kb, kk) = (k / KB, k % KB);
+                    p[kb * TILE * KB + (kk / 2) * KB + n * 2 + (kk % 2)] = to_bf16(v);
+                }
+            }
+        });
+        Self {
+            data,
+            out,
+            inp,
+            kblocks,
+        }
+    }
+
+    /// Packs a 2-D f32 weight tensor (out, in).
+    pub fn from_tensor(w: &Tensor) -> Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let v = w
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self::pack(&v, out, inp))
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.inp
+    }
+
+    /// The weight back in f32 (the bf16 values), (out × in): what the products multiply by.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.out * self.inp];
+        let panel = self.kblocks * TILE * KB;
+        for row in 0..self.out {
+            let (nb, n) = (row / TILE, row % TILE);
+            for k in 0..self.inp {
+                let (kb, kk) = (k / KB, k % KB);
+                w[row * self.inp + k] = from_bf16(
+                    self.data[nb * panel + kb * TILE * KB + (kk / 2) * KB + n * 2 + kk % 2],
+                );
+            }
+        }
+        w
+    }
+}
+
+/// `y := [y +] x Wᵀ` for `x` (m × in, row-major f32) and `y` (m × out): `accumulate` keeps `y`'s
+/// values as the products' starting point (a residual stream). Runs on rayon's pool, each task a
+/// range of 32-output blocks. Panics without AMX ([`available`]) or on mismatched lengths.
+pub fn gemm(x: &[f32], m: usize, w: &PackedBf16, y: &mut [f32], accumulate: bool) {
+    assert_eq!(y.len(), m * w.out, "bf16 gemm: output length");
+    // SAFETY: y holds the m × out elements written.
+    unsafe { gemm_raw(x, m, w, y.as_mut_ptr(), accumulate) }
+}
+
+/// A new (m × out) `x Wᵀ`, in memory that is not zero-filled first: every element is written.
+pub fn gemm_alloc(x: &[f32], m: usize, w: &PackedBf16) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(m * w.out);
+    // SAFETY: without `accumulate` the kernel writes each of the m × out elements and reads
+    // none, before `set_len` makes them visible.
+    unsafe {
+        gemm_raw(x, m, w, y.as_mut_ptr(), false);
+        y.set_len(m * w.out);
+    }
+    y
+}
+
+/// [`gemm`] into `y`, which must hold m × out elements (read only when `accumulate`).
+unsafe fn gemm_raw(x: &[f32], m: usize, w: &PackedBf16, y: *mut f32, accumulate: bool) {
+    use rayon::prelude::*;
+    assert!(available(), "bf16 gemm: this CPU or OS has no AMX-BF16");
+    assert_eq!(x.len(), m * w.inp, "bf16 gemm: input length");
+    if m == 0 || w.out == 0 {
+        return;
+    }
+    if w.inp == 0 {
+        if !accumulate {
+            std::ptr::write_bytes(y, 0, m * w.out);
+        }
+        return;
+    }
+    let kp = w.kblocks * KB;
+    let mp = m.div_ceil(2 * TILE) * 2 * TILE;
+    // x in bf16, rows and K padded with zeros to whole tiles, in a buffer this thread keeps
+    // (fresh pages each call would cost the kernel's page clearing).
+    thread_local! {
+        static A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    A.with_borrow_mut(|a| {
+        if a.len() < mp * kp {
+            *a = vec![0u16; mp * kp];
+        }
+        let a = &mut a[..mp * kp];
+        let (rows, pad) = a.split_at_mut(m * kp);
+        rows.par_chunks_mut(kp)
+            .zip(x.par_chunks(w.inp))
+            .for_each(|(dst, src)| round_row(src, dst));
+        pad.fill(0);
+        let pairs = w.out.div_ceil(2 * TILE); // 32-output blocks
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = pairs.div_ceil(threads * 4).max(1);
+        let y = SendPtr(y);
+        let a = &*a;
+        (0..pairs.div_ceil(per_task)).into_par_iter().for_each(|t| {
+            let (p0, p1) = (t * per_task, ((t + 1) * per_task).min(pairs));
+            // SAFETY: AMX is available (asserted); tasks write disjoint column blocks of y.
+            unsafe { run_task(a, kp, m, w, p0..p1, y, accumulate) };
+        });
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks sharing it write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One row of f32 into bf16, zeros after it to the end of `dst`.
+fn round_row(src: &[f32], dst: &mut [u16]) {
+    let (head, tail) = dst.split_at_mut(src.len());
+    crate::vexp::to_bf16(src, head);
+    tail.fill(0);
+}
+
+/// The 64-byte tile configuration: palette 1, all eight tiles 16 rows × 64 bytes
+/// (tmm0–3 the C blocks, tmm4–5 two A tiles, tmm6–7 two B tiles).
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = TILE as u8;
+        }
+        Self(c)
+    }
+}
+
+/// The output blocks `pairs` (each 32 wide) of `y` for all `m` rows, from `a` (bf16, rows padded
+/// to 32, row length `kp`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_task(
+    a: &[u16],
+    kp: usize,
+    m: usize,
+    w: &PackedBf16,
+    pairs: std::ops::Range<usize>,
+    y: SendPtr,
+    accumulate: bool,
+) {
+    let cfg = TileConfig::new();
+    std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    let panel = w.kblocks * TILE * KB;
+    let mut edge = [0f32; 4 * TILE * TILE];
+    for r0 in (0..m).step_by(ROW_CHUNK) {
+        let r1 = (r0 + ROW_CHUNK).min(m);
+        for pair in pairs.clone() {
+            let b0 = w.data.as_ptr().add(2 * pair * panel);
+            let b1 = b0.add(panel);
+            let c0 = pair * 2 * TILE;
+            for i0 in (r0..r1).step_by(2 * TILE) {
+                let a0 = a.as_ptr().add(i0 * kp);
+                let full = i0 + 2 * TILE <= m && c0 + 2 * TILE <= w.out;
+                let (c, ldc) = if full {
+                    (y.0.add(i0 * w.out + c0), w.out)
+                } else {
+                    // A partial block: through a 32 × 32 buffer holding y's part of it.
+                    edge.fill(0.0);
+                    if accumulate {
+                        for i in 0..(m - i0).min(2 * TILE) {
+                            for j in 0..(w.out - c0).min(2 * TILE) {
+                                edge[i * 2 * TILE + j] = *y.0.add((i0 + i) * w.out + c0 + j);
+                            }
+                        }
+                    }
+                    (edge.as_mut_ptr(), 2 * TILE)
+                };
+                block(a0, kp, b0, b1, w.kblocks, c, ldc, accumulate || !full);
+                if !full {
+                    for i in 0..(m - i0).min(2 * TILE) {
+                        for j in 0..(w.out - c0).min(2 * TILE) {
+                            *y.0.add((i0 + i) * w.out + c0 + j) = edge[i * 2 * TILE + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    std::arch::asm!("tilerelease", options(nostack, nomem));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn run_task(
+    _: &[u16],
+    _: usize,
+    _: usize,
+    _: &PackedBf16,
+    _: std::ops::Range<usize>,
+    _: SendPtr,
+    _: bool,
+) {
+    unreachable!("AMX is x86_64 only")
+}
+
+/// One 32 × 32 block of C (f32, row stride `ldc` elements) from 32 rows of A (bf16, row stride
+/// `kp` elements) and two B panels, over `kblocks` blocks of 32 inputs; C starts from its values
+/// (`load`) or from zero.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block(
+    a0: *const u16,
+    kp: usize,
+    b0: *const u16,
+    b1: *const u16,
+    kblocks: usize,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    let lda = kp * 2;
+    let a1 = a0.add(TILE * kp);
+    let ldc_b = ldc * 4;
+    let c1 = c.add(TILE);
+    let c2 = c.add(TILE * ldc);
+    let c3 = c2.add(TILE);
+    if load {
+        std::arch::asm!(
+            "tileloadd tmm0, [{c0} + {ldc}*1]",
+            "tileloadd tmm1, [{c1} + {ldc}*1]",
+            "tileloadd tmm2, [{c2} + {ldc}*1]",
+            "tileloadd tmm3, [{c3} + {ldc}*1]",
+            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+            ldc = in(reg) ldc_b,
+            options(nostack, readonly)
+        );
+    } else {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
+    std::arch::asm!(
+        "2:",
+        "tileloadd tmm4, [{a0} + {lda}*1]",
+        "tileloadd tmm6, [{b0} + {s64}*1]",
+        "tileloadd tmm5, [{a1} + {lda}*1]",
+        "tileloadd tmm7, [{b1} + {s64}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 64",
+        "add {a1}, 64",
+        "add {b0}, 1024",
+        "add {b1}, 1024",
+        "dec {n}",
+        "jnz 2b",
+        "tilestored [{c0} + {ldc}*1], tmm0",
+        "tilestored [{c1} + {ldc}*1], tmm1",
+        "tilestored [{c2} + {ldc}*1], tmm2",
+        "tilestored [{c3} + {ldc}*1], tmm3",
+        a0 = inout(reg) a0 => _,
+        a1 = inout(reg) a1 => _,
+        b0 = inout(reg) b0 => _,
+        b1 = inout(reg) b1 => _,
+        n = inout(reg) kblocks => _,
+        lda = in(reg) lda,
+        s64 = in(reg) 64usize,
+        c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+        ldc = in(reg) ldc_b,
+        options(nostack)
+    );
+}
+
+/// `[r +] x Wᵀ` over the last dimension of an f32 CPU tensor `x` (…, in) for a packed weight →
+/// (…, out); `r` (…, out) is the starting value (a residual stream). None unless AMX is
+/// available and the inputs are f32 CPU tensors of those shapes that need no gradient.
+pub fn linear(x: &Tensor, w: &PackedBf16, r: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let fits = available()
+        && super::cpu_f32(&[x])
+        && !super::needs_grad(&[x])
+        && x.rank() >= 1
+        && x.dims().last() == Some(&w.inp)
+        && r.is_none_or(|r| {
+            super::cpu_f32(&[r])
+                && !r.track_op()
+                && r.rank() == x.rank()
+                && r.dims()[..r.rank() - 1] == x.dims()[..x.rank() - 1]
+                && r.dims().last() == Some(&w.out)
+        });
+    if !fits {
+        return Ok(None);
+    }
+    let m = x.elem_count() / w.inp.max(1);
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = w.out;
+    let x = x.contiguous()?;
+    let y = {
+        let (s, l) = x.storage_and_layout();
+        let xs = super::storage_f32(&s, l, "bf16 linear: input")?;
+        match r {
+            Some(r) => {
+                let mut y = r.flatten_all()?.to_vec1::<f32>()?;
+                gemm(xs, m, w, &mut y, true);
+                y
+            }
+            None => gemm_alloc(xs, m, w),
+        }
+    };
+    Ok(Some(Tensor::from_vec(y, dims, x.device())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The vectorised row conversion equals the scalar one, special values included.
+    #[test]
+    fn row_rounding_equals_the_scalar_one() {
+        let mut x = lcg(11, 1000);
+        x.extend([
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::MIN,
+            f32::MAX,
+            0.0,
+            -0.0,
+            1e-40,
+        ]);
+        let mut row = vec![0u16; x.len()];
+        crate::vexp::to_bf16(&x, &mut row);
+        for (v, got) in x.iter().zip(&row) {
+            assert_eq!(*got, to_bf16(*v), "{v}");
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2⁻⁸ is halfway between bf16 1 and 1 + 2⁻⁷: to the even one, 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2⁻⁸ is halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: up, to the even one.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    #[test]
+    fn packing_round_trips_the_bf16_values() {
+        let (out, inp) = (37, 45);
+        let w = lcg(1, out * inp);
+        let back = PackedBf16::pack(&w, out, inp).unpack();
+        for (a, b) in w.iter().zip(&back) {
+            assert_eq!(from_bf16(to_bf16(*a)), *b);
+        }
+    }
+
+    /// The tile products equal an f64 sum of the bf16-rounded inputs to f32 accuracy, at shapes
+    /// with partial row, output and input blocks, from zero and from a residual.
+    #[test]
+    fn products_match_the_rounded_inputs_in_f64() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return;
+        }
+        for (m, out, inp) in [(1, 16, 32), (33, 47, 70), (64, 96, 576), (300, 130, 1000)] {
+            let x = lcg(2, m * inp);
+            let w = lcg(3, out * inp);
+            let r = lcg(4, m * out);
+            let packed = PackedBf16::pack(&w, out, inp);
+            for accumulate in [false, true] {
+                let mut y = if accumulate {
+                    r.clone()
+                } else {
+                    vec![7.0; m * out]
+                };
+                gemm(&x, m, &packed, &mut y, accumulate);
+                for i in 0..m {
+                    for j in 0..out {
+                        let mut s = if accumulate {
+                            r[i * out + j] as f64
+                        } else {
+                            0.0
+                        };
+                        let mut mag = s.abs();
+                        for k in 0..inp {
+                            let p = from_bf16(to_bf16(x[i * inp + k])) as f64
+                                * from_bf16(to_bf16(w[j * inp + k])) as f64;
+                            s += p;
+                            mag += p.abs();
+                        }
+                        let got = y[i * out + j] as f64;
+                        assert!(
+                            (got - s).abs() <= 1e-6 * mag + 1e-30,
+                            "({m},{out},{inp}) acc={accumulate} [{i},{j}]: {got} vs {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The same products on 1 and 3 threads, bit for bit.
+    #[test]
+    fn products_do_not_depend_on_the_thread_count() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return;
+        }
+        let (m, out, inp) = (200, 500, 576);
+        let (x, w) = (lcg(5, m * inp), lcg(6, out * inp));
+        let packed = PackedBf16::pack(&w, out, inp);
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            let mut y = vec![0f32; m * out];
+            pool.install(|| gemm(&x, m, &packed, &mut y, false));
+            y
+        };
+        let (one, three) = (run(1), run(3));
+        assert!(one
+            .iter()
+            .zip(&three)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    /// The tensor op: shapes, the residual, and declining a tracked input.
+    #[test]
+    fn linear_takes_tensors_and_a_residual() -> Result<()> {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return Ok(());
+        }
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::from_vec(lcg(7, 2 * 5 * 64), (2, 5, 64), &dev)?;
+        let w = Tensor::from_vec(lcg(8, 40 * 64), (40, 64), &dev)?;
+        let r = Tensor::from_vec(lcg(9, 2 * 5 * 40), (2, 5, 40), &dev)?;
+        let packed = PackedBf16::from_tensor(&w)?;
+        let wq = Tensor::from_vec(packed.unpack(), (40, 64), &dev)?;
+        let xq = x.flatten_all()?.to_vec1::<f32>()?;
+        let xq: Vec<f32> = xq.iter().map(|v| from_bf16(to_bf16(*v))).collect();
+        let xq = Tensor::from_vec(xq, (2, 5, 64), &dev)?;
+        let want = xq.broadcast_matmul(&wq.t()?)?;
+        let got = linear(&x, &packed, None)?.expect("fits");
+        assert_eq!(got.dims(), &[2, 5, 40]);
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        let got = linear(&x, &packed, Some(&r))?.expect("fits");
+        let diff = (got - (want + &r)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        let var = candle_core::Var::from_tensor(&x)?;
+        assert!(linear(var.as_tensor(), &packed, None)?.is_none());
+        Ok(())
+    }
+}
