@@ -128,6 +128,12 @@ pub struct TeacherSection {
     /// of full-vocabulary logits. 0 = dense.
     #[serde(default)]
     pub top_k: usize,
+    /// Precision of a live teacher's products: "f32", or "bf16" on AMX tiles (several times
+    /// faster where the CPU has them, at a KL to f32 that `distill bench cache
+    /// --teacher-precision bf16` measures). A cache records its own (`distill cache
+    /// --teacher-precision`).
+    #[serde(default, skip_serializing_if = "distill_core::Precision::is_f32")]
+    pub precision: distill_core::Precision,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

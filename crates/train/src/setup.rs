@@ -110,7 +110,10 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
         }
         None if cfg.loss.alpha_kd == 0.0 => (Targets::OneHot, teacher_cfg.vocab_size),
         None => {
-            let model = ModelDir::load(tdir, &device)?.model;
+            let mut model = ModelDir::load(tdir, &device)?.model;
+            model.set_precision(cfg.teacher.precision).map_err(|e| {
+                Error::Msg(format!("teacher.precision = \"{}\": {e}", cfg.teacher.precision))
+            })?;
             (
                 Targets::Live {
                     model,

@@ -664,3 +664,48 @@ fn on_policy_prompts_from_a_file_train_and_resume_bit_identically() {
         "{err}"
     );
 }
+
+/// A live teacher at bf16 (AMX): the loss falls, a resumed run is bit-identical to a straight
+/// one, the run's config.toml records the precision, and the first steps' losses stay within
+/// bf16 rounding of the f32 teacher's. An unknown precision is refused naming the key.
+#[test]
+fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
+    let f = fixture(false);
+    let bad = std::panic::catch_unwind(|| config(&f, false, &["teacher.precision=\"fp8\""]));
+    assert!(bad.is_err(), "an unknown precision must be refused");
+    if !distill_core::ops::bf16::available() {
+        let out = f.root.join("refused");
+        let err = run(config(&f, false, &["teacher.precision=\"bf16\""]), &out, false, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("teacher.precision") && err.contains("AMX-BF16"), "{err}");
+        return;
+    }
+    let sets = [
+        "train.max_steps=30",
+        "train.checkpoint_every=100",
+        "train.eval_every=10",
+        "teacher.precision=\"bf16\"",
+    ];
+    let straight = f.root.join("straight");
+    run(config(&f, false, &sets), &straight, false, None).unwrap();
+    let config_toml = std::fs::read_to_string(straight.join("config.toml")).unwrap();
+    assert!(config_toml.contains("precision = \"bf16\""), "{config_toml}");
+    let l = losses(&straight);
+    let first: f64 = l[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    let last: f64 = l[25..].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    assert!(last < 0.8 * first, "loss {first} → {last}");
+    let halves = f.root.join("halves");
+    run(config(&f, false, &sets), &halves, false, Some(15)).unwrap();
+    run(config(&f, false, &sets), &halves, true, None).unwrap();
+    assert_eq!(losses(&straight), losses(&halves));
+    assert_eq!(
+        std::fs::read(straight.join("final/model.safetensors")).unwrap(),
+        std::fs::read(halves.join("final/model.safetensors")).unwrap()
+    );
+    let f32_run = f.root.join("f32");
+    run(config(&f, false, &sets[..3]), &f32_run, false, Some(3)).unwrap();
+    for ((_, a), (_, b)) in losses(&f32_run).iter().zip(&l) {
+        assert!(a != b && (a - b).abs() < 1e-2 * a.abs(), "f32 {a} vs bf16 {b}");
+    }
+}
