@@ -112,7 +112,10 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
         None => {
             let mut model = ModelDir::load(tdir, &device)?.model;
             model.set_precision(cfg.teacher.precision).map_err(|e| {
-                Error::Msg(format!("teacher.precision = \"{}\": {e}", cfg.teacher.precision))
+                Error::Msg(format!(
+                    "teacher.precision = \"{}\": {e}",
+                    cfg.teacher.precision
+                ))
             })?;
             (
                 Targets::Live {

@@ -675,10 +675,18 @@ fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
     assert!(bad.is_err(), "an unknown precision must be refused");
     if !distill_core::ops::bf16::available() {
         let out = f.root.join("refused");
-        let err = run(config(&f, false, &["teacher.precision=\"bf16\""]), &out, false, None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("teacher.precision") && err.contains("AMX-BF16"), "{err}");
+        let err = run(
+            config(&f, false, &["teacher.precision=\"bf16\""]),
+            &out,
+            false,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("teacher.precision") && err.contains("AMX-BF16"),
+            "{err}"
+        );
         return;
     }
     let sets = [
@@ -690,7 +698,10 @@ fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
     let straight = f.root.join("straight");
     run(config(&f, false, &sets), &straight, false, None).unwrap();
     let config_toml = std::fs::read_to_string(straight.join("config.toml")).unwrap();
-    assert!(config_toml.contains("precision = \"bf16\""), "{config_toml}");
+    assert!(
+        config_toml.contains("precision = \"bf16\""),
+        "{config_toml}"
+    );
     let l = losses(&straight);
     let first: f64 = l[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
     let last: f64 = l[25..].iter().map(|x| x.1).sum::<f64>() / 5.0;
@@ -706,6 +717,9 @@ fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
     let f32_run = f.root.join("f32");
     run(config(&f, false, &sets[..3]), &f32_run, false, Some(3)).unwrap();
     for ((_, a), (_, b)) in losses(&f32_run).iter().zip(&l) {
-        assert!(a != b && (a - b).abs() < 1e-2 * a.abs(), "f32 {a} vs bf16 {b}");
+        assert!(
+            a != b && (a - b).abs() < 1e-2 * a.abs(),
+            "f32 {a} vs bf16 {b}"
+        );
     }
 }

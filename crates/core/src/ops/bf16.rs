@@ -190,31 +190,33 @@ unsafe fn gemm_raw(x: &[f32], m: usize, w: &PackedBf16, y: *mut f32, accumulate:
     let kp = w.kblocks * KB;
     let mp = m.div_ceil(2 * TILE) * 2 * TILE;
     // x in bf16, rows and K padded with zeros to whole tiles, in a buffer this thread keeps
-    // (fresh pages each call would cost the kernel's page clearing).
+    // (fresh pages each call would cost the kernel's page clearing). Taken out for the call, so
+    // a call nested on this thread (a rayon worker running another task while it waits) finds
+    // none and allocates its own.
     thread_local! {
-        static A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+        static A: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
     }
-    A.with_borrow_mut(|a| {
-        if a.len() < mp * kp {
-            *a = vec![0u16; mp * kp];
-        }
-        let a = &mut a[..mp * kp];
-        let (rows, pad) = a.split_at_mut(m * kp);
-        rows.par_chunks_mut(kp)
-            .zip(x.par_chunks(w.inp))
-            .for_each(|(dst, src)| round_row(src, dst));
-        pad.fill(0);
-        let pairs = w.out.div_ceil(2 * TILE); // 32-output blocks
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = pairs.div_ceil(threads * 4).max(1);
-        let y = SendPtr(y);
-        let a = &*a;
-        (0..pairs.div_ceil(per_task)).into_par_iter().for_each(|t| {
-            let (p0, p1) = (t * per_task, ((t + 1) * per_task).min(pairs));
-            // SAFETY: AMX is available (asserted); tasks write disjoint column blocks of y.
-            unsafe { run_task(a, kp, m, w, p0..p1, y, accumulate) };
-        });
+    let mut buf = A.take();
+    if buf.len() < mp * kp {
+        buf = vec![0u16; mp * kp];
+    }
+    let a = &mut buf[..mp * kp];
+    let (rows, pad) = a.split_at_mut(m * kp);
+    rows.par_chunks_mut(kp)
+        .zip(x.par_chunks(w.inp))
+        .for_each(|(dst, src)| round_row(src, dst));
+    pad.fill(0);
+    let pairs = w.out.div_ceil(2 * TILE); // 32-output blocks
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = pairs.div_ceil(threads * 4).max(1);
+    let y = SendPtr(y);
+    let a = &*a;
+    (0..pairs.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let (p0, p1) = (t * per_task, ((t + 1) * per_task).min(pairs));
+        // SAFETY: AMX is available (asserted); tasks write disjoint column blocks of y.
+        unsafe { run_task(a, kp, m, w, p0..p1, y, accumulate) };
     });
+    A.set(buf);
 }
 
 #[derive(Clone, Copy)]
@@ -268,6 +270,16 @@ unsafe fn run_task(
         for pair in pairs.clone() {
             let b0 = w.data.as_ptr().add(2 * pair * panel);
             let b1 = b0.add(panel);
+            if pair + 1 < pairs.end {
+                // The next pair's panels into L2 while this pair's blocks run: a weight wider
+                // than the caches (the lm_head's 57 MB) streams from memory one pair at a time.
+                let next = b1.add(panel) as *const i8;
+                for line in (0..2 * panel * 2).step_by(64) {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        next.add(line),
+                    );
+                }
+            }
             let c0 = pair * 2 * TILE;
             for i0 in (r0..r1).step_by(2 * TILE) {
                 let a0 = a.as_ptr().add(i0 * kp);
