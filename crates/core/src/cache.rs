@@ -33,6 +33,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const CACHE_FORMAT_VERSION: u32 = 1;
+/// The format version of a cache whose teacher ran at a precision other than f32: the same
+/// format, numbered apart so that a build from before `teacher_precision` existed (which would
+/// read the cache as f32 and continue it with f32 shards) refuses it.
+pub const CACHE_FORMAT_VERSION_REDUCED_PRECISION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 
 /// `teacher_hash` prefix of a cache built from a teacher's API answers (`api:MODEL`): there are no
@@ -175,6 +179,15 @@ impl CacheSettings {
         d
     }
 
+    /// The manifest's format version for these settings (f32 caches keep version 1).
+    pub fn format_version(&self) -> u32 {
+        if self.teacher_precision.is_f32() {
+            CACHE_FORMAT_VERSION
+        } else {
+            CACHE_FORMAT_VERSION_REDUCED_PRECISION
+        }
+    }
+
     /// Bytes per cached position: k ids (u32) + k log-probs + one f32 logsumexp.
     pub fn bytes_per_token(&self) -> usize {
         self.top_k * (4 + self.dtype.bytes()) + 4
@@ -232,16 +245,28 @@ impl CacheManifest {
         let text = read_text(path)?;
         let v: serde_json::Value = serde_json::from_str(&text).with_file(path)?;
         let version = v.get("format_version").and_then(|v| v.as_u64());
-        if version != Some(CACHE_FORMAT_VERSION as u64) {
+        let known = [CACHE_FORMAT_VERSION, CACHE_FORMAT_VERSION_REDUCED_PRECISION];
+        if !version.is_some_and(|v| known.iter().any(|&k| k as u64 == v)) {
             return Err(Error::file(
                 path,
                 format!(
-                    "teacher cache format version {} (this build reads {CACHE_FORMAT_VERSION})",
+                    "teacher cache format version {} (this build reads {CACHE_FORMAT_VERSION} \
+                     and {CACHE_FORMAT_VERSION_REDUCED_PRECISION})",
                     version.map_or("missing".to_string(), |v| v.to_string())
                 ),
             ));
         }
-        serde_json::from_value(v).with_file(path)
+        let m: Self = serde_json::from_value(v).with_file(path)?;
+        if m.format_version != m.settings.format_version() {
+            return Err(Error::file(
+                path,
+                format!(
+                    "teacher cache format version {} does not match its teacher precision {}",
+                    m.format_version, m.settings.teacher_precision
+                ),
+            ));
+        }
+        Ok(m)
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {

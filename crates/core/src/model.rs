@@ -810,12 +810,15 @@ impl CausalLm {
                 )
             }
         }
-        for layer in &mut self.layers {
+        // On a copy (the tensors are shared), so an error leaves this model as it was.
+        let mut next = self.clone();
+        for layer in &mut next.layers {
             layer.self_attn.set_precision(precision)?;
             layer.mlp.set_precision(precision)?;
         }
-        self.lm_head.set_precision(precision)?;
-        self.precision = precision;
+        next.lm_head.set_precision(precision)?;
+        next.precision = precision;
+        *self = next;
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 use candle_core::{DType, Tensor};
 use distill_core::cache::{
     encode_shard, manifest_name, plan, tokens_hash, CacheDType, CacheManifest, CacheSettings,
-    CacheShardMeta, PlannedShard, TeacherTargets, CACHE_FORMAT_VERSION,
+    CacheShardMeta, PlannedShard, TeacherTargets,
 };
 use distill_core::logits::row_topk;
 use distill_core::shards::{TokenShards, TokenShardsMeta};
@@ -214,7 +214,7 @@ pub fn build_cache(
         m
     } else {
         CacheManifest {
-            format_version: CACHE_FORMAT_VERSION,
+            format_version: settings.format_version(),
             settings: settings.clone(),
             part: opts.part,
             shards: Vec::new(),

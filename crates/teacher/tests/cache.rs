@@ -426,6 +426,23 @@ fn bf16_teacher_cache_is_reproducible_and_recorded() {
         manifest.contains(r#""teacher_precision": "bf16""#),
         "{manifest}"
     );
+    // Numbered apart from f32 caches, so builds from before the field refuse it; a manifest
+    // whose number and precision disagree is refused too.
+    assert!(manifest.contains(r#""format_version": 2"#), "{manifest}");
+    let tampered = f.root.join("tampered");
+    std::fs::create_dir_all(&tampered).unwrap();
+    std::fs::write(
+        tampered.join("manifest.json"),
+        manifest.replace(r#""format_version": 2"#, r#""format_version": 1"#),
+    )
+    .unwrap();
+    let err = distill_core::cache::CacheManifest::read(&tampered.join("manifest.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not match its teacher precision bf16"),
+        "{err}"
+    );
     let err = build(&f, &a, &o).unwrap_err().to_string();
     assert!(
         err.contains("teacher precision bf16 on disk vs f32 asked"),

@@ -91,6 +91,17 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
         _ => None,
     };
     let has_weights = distill_core::weights::safetensors_files(tdir).is_ok_and(|f| !f.is_empty());
+    // The live teacher (targets, or evaluation beside a cache), at teacher.precision.
+    let load_teacher = || -> Result<distill_core::CausalLm> {
+        let mut model = ModelDir::load(tdir, &device)?.model;
+        model.set_precision(cfg.teacher.precision).map_err(|e| {
+            Error::Msg(format!(
+                "teacher.precision = \"{}\": {e}",
+                cfg.teacher.precision
+            ))
+        })?;
+        Ok(model)
+    };
     let (targets, teacher_vocab) = match &cfg.data.cache {
         Some(dir) => {
             // The teacher's weights hash, when the dir has weights (a black-box run's teacher
@@ -105,18 +116,22 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
                 tokens_hash: None,
             };
             let cache = TeacherCache::open(dir, &train.meta, &expect)?;
+            let cached = cache.settings().teacher_precision;
+            if cached != cfg.teacher.precision {
+                return Err(Error::Msg(format!(
+                    "data.cache {} holds the teacher's targets at {cached} and teacher.precision \
+                     is {}: set teacher.precision = \"{cached}\" (the live teacher that evaluates \
+                     runs at it too), or rebuild the cache",
+                    dir.display(),
+                    cfg.teacher.precision
+                )));
+            }
             let v = cache.settings().vocab_size;
             (Targets::Cache(cache), v)
         }
         None if cfg.loss.alpha_kd == 0.0 => (Targets::OneHot, teacher_cfg.vocab_size),
         None => {
-            let mut model = ModelDir::load(tdir, &device)?.model;
-            model.set_precision(cfg.teacher.precision).map_err(|e| {
-                Error::Msg(format!(
-                    "teacher.precision = \"{}\": {e}",
-                    cfg.teacher.precision
-                ))
-            })?;
+            let model = load_teacher()?;
             (
                 Targets::Live {
                     model,
@@ -168,7 +183,7 @@ pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
                 && c.sequences("valid") < cfg.train.eval_sequences
                 && has_weights =>
         {
-            Some(ModelDir::load(tdir, &device)?.model)
+            Some(load_teacher()?)
         }
         _ => None,
     };

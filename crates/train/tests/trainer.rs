@@ -671,8 +671,26 @@ fn on_policy_prompts_from_a_file_train_and_resume_bit_identically() {
 #[test]
 fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
     let f = fixture(false);
-    let bad = std::panic::catch_unwind(|| config(&f, false, &["teacher.precision=\"fp8\""]));
-    assert!(bad.is_err(), "an unknown precision must be refused");
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    let err = RunConfig::load(&tiny, &["teacher.precision=\"fp8\"".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+    // A cache built at f32 with a bf16 teacher asked: refused, naming both (before any AMX use).
+    let cached = fixture(true);
+    let out = cached.root.join("mismatch");
+    let err = run(
+        config(&cached, true, &["teacher.precision=\"bf16\""]),
+        &out,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("data.cache") && err.contains("at f32") && err.contains("teacher.precision"),
+        "{err}"
+    );
     if !distill_core::ops::bf16::available() {
         let out = f.root.join("refused");
         let err = run(
@@ -716,6 +734,7 @@ fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
     );
     let f32_run = f.root.join("f32");
     run(config(&f, false, &sets[..3]), &f32_run, false, Some(3)).unwrap();
+    assert_eq!(losses(&f32_run).len(), 3);
     for ((_, a), (_, b)) in losses(&f32_run).iter().zip(&l) {
         assert!(
             a != b && (a - b).abs() < 1e-2 * a.abs(),
