@@ -677,30 +677,19 @@ fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
         .to_string();
     assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
     // A cache built at f32 with a bf16 teacher asked: refused, naming both (before any AMX use).
-    let cached = fixture(true);
-    let out = cached.root.join("mismatch");
-    let err = run(
-        config(&cached, true, &["teacher.precision=\"bf16\""]),
-        &out,
-        false,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let bf16_run_error = |f: &Fixture, cache: bool, name: &str| {
+        let cfg = config(f, cache, &["teacher.precision=\"bf16\""]);
+        run(cfg, &f.root.join(name), false, None)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = bf16_run_error(&fixture(true), true, "mismatch");
     assert!(
         err.contains("data.cache") && err.contains("at f32") && err.contains("teacher.precision"),
         "{err}"
     );
     if !distill_core::ops::bf16::available() {
-        let out = f.root.join("refused");
-        let err = run(
-            config(&f, false, &["teacher.precision=\"bf16\""]),
-            &out,
-            false,
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = bf16_run_error(&f, false, "refused");
         assert!(
             err.contains("teacher.precision") && err.contains("AMX-BF16"),
             "{err}"
