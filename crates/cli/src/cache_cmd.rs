@@ -172,19 +172,15 @@ pub struct BenchCacheArgs {
 }
 
 pub fn bench(a: BenchCacheArgs) -> Result<()> {
+    let precision: distill_core::Precision =
+        a.teacher_precision.parse().context("--teacher-precision")?;
     let device = parse_device(&a.device.device)?;
     let teacher = ModelDir::load(&a.teacher, &device)?;
     let hash = teacher.hash()?;
     let r = distill_teacher::bench::bench_cache(
-        &teacher,
-        &hash,
-        &a.tokens,
-        a.batch,
-        a.iters,
-        a.top_k,
-        a.teacher_precision.parse()?,
+        &teacher, &hash, &a.tokens, a.batch, a.iters, a.top_k, precision,
     )
-    .with_context(|| format!("--teacher-precision {}", a.teacher_precision))?;
+    .with_context(|| format!("--teacher-precision {precision}"))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

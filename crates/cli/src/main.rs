@@ -593,11 +593,12 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 fn bench_teacher(a: BenchTeacherArgs) -> Result<()> {
+    let precision: distill_core::Precision = a.precision.parse().context("--precision")?;
     let device = parse_device(&a.device.device)?;
     let mut m = ModelDir::load(&a.model, &device)?;
     m.model
-        .set_precision(a.precision.parse()?)
-        .with_context(|| format!("--precision {}", a.precision))?;
+        .set_precision(precision)
+        .with_context(|| format!("--precision {precision}"))?;
     let r = distill_teacher::bench::bench_model(
         &m.model,
         a.batch,

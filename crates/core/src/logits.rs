@@ -1,5 +1,5 @@
 //! Rows of logits on the host: the top-k and log-softmax of one row, as the teacher cache stores
-//! them, eval scores them and the API returns them.
+//! them, eval scores them and the API returns them, and the KL between two rows.
 
 /// Top-k of one row of raw logits, most likely first (ties: lower id first), written to `ids` and
 /// `logprobs` (len k each); returns the row's logsumexp (vectorised exponentials, f32 lanes over
@@ -51,9 +51,34 @@ pub fn row_topk(row: &[f32], ids: &mut [u32], logprobs: &mut [f32]) -> f32 {
     lse
 }
 
+/// KL(p‖q) = Σ p (log p − log q) for raw logit rows with known logsumexps, over the first
+/// `min(len)` ids (vocabularies that differ by padding).
+pub fn kl_row(t: &[f32], t_lse: f32, s: &[f32], s_lse: f32) -> f64 {
+    let v = t.len().min(s.len());
+    let mut kl = 0f64;
+    for j in 0..v {
+        let lp = t[j] - t_lse;
+        let lq = s[j] - s_lse;
+        kl += (lp.exp() * (lp - lq)) as f64;
+    }
+    kl.max(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kl_of_a_hand_built_pair() {
+        // p = softmax([0, ln 3]) = [1/4, 3/4], q = softmax([0, 0]) = [1/2, 1/2]:
+        // KL(p‖q) = 1/4·ln(1/2) + 3/4·ln(3/2) = −0.1732868 + 0.3040988 = 0.1308120.
+        let t = [0.0f32, 3f32.ln()];
+        let s = [0.0f32, 0.0];
+        let lse = |r: &[f32]| row_topk(r, &mut [], &mut []);
+        let kl = kl_row(&t, lse(&t), &s, lse(&s));
+        assert!((kl - 0.130_812_0).abs() < 1e-6, "{kl}");
+        assert!(kl_row(&t, lse(&t), &t, lse(&t)).abs() < 1e-7);
+    }
 
     #[test]
     fn topk_is_sorted_with_ties_by_id_and_lse_matches_f64() {

@@ -185,14 +185,25 @@ multiversion! {
     }
 }
 
+/// f32 → bf16 bits, rounded to nearest even, NaN kept a (quiet) NaN of the same sign; branch-free,
+/// so [`to_bf16`]'s loop vectorises.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    if nan {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        rounded
+    }
+}
+
 multiversion! {
-    /// f32 → bf16 bits, rounded to nearest even, NaN kept a (quiet) NaN: `out[i]` from `x[i]`.
+    /// [`bf16_bits`] of each `x[i]` into `out[i]`.
     pub fn to_bf16(x: &[f32], out: &mut [u16]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            let b = v.to_bits();
-            let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-            let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-            *o = if nan { ((b >> 16) | 0x40) as u16 } else { rounded };
+            *o = bf16_bits(v);
         }
     }
 }

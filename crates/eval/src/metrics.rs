@@ -95,18 +95,7 @@ pub fn summarize(row: &[f32]) -> RowSummary {
     }
 }
 
-/// KL(p‖q) = Σ p (log p − log q) for raw logit rows with known logsumexps, over the first
-/// `min(len)` ids (vocabularies that differ by padding).
-pub fn kl_row(t: &[f32], t_lse: f32, s: &[f32], s_lse: f32) -> f64 {
-    let v = t.len().min(s.len());
-    let mut kl = 0f64;
-    for j in 0..v {
-        let lp = t[j] - t_lse;
-        let lq = s[j] - s_lse;
-        kl += (lp.exp() * (lp - lq)) as f64;
-    }
-    kl.max(0.0)
-}
+pub use distill_core::logits::kl_row;
 
 /// Adds one position of a model's logits `s` (label `label`), compared with the teacher's row
 /// `t` when given.
@@ -138,17 +127,6 @@ pub fn add_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kl_of_a_hand_built_pair() {
-        // p = softmax([0, ln 3]) = [1/4, 3/4], q = softmax([0, 0]) = [1/2, 1/2]:
-        // KL(p‖q) = 1/4·ln(1/2) + 3/4·ln(3/2) = −0.1732868 + 0.3040988 = 0.1308120.
-        let t = [0.0f32, 3f32.ln()];
-        let s = [0.0f32, 0.0];
-        let kl = kl_row(&t, summarize(&t).lse, &s, summarize(&s).lse);
-        assert!((kl - 0.130_812_0).abs() < 1e-6, "{kl}");
-        assert!(kl_row(&t, summarize(&t).lse, &t, summarize(&t).lse).abs() < 1e-7);
-    }
 
     #[test]
     fn ece_of_hand_built_predictions() {

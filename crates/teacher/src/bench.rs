@@ -3,7 +3,7 @@
 //! cache. Not part of the test suite.
 
 use candle_core::Tensor;
-use distill_core::logits::row_topk;
+use distill_core::logits::{kl_row, row_topk};
 use distill_core::{CausalLm, KvCache, Precision, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -158,7 +158,9 @@ pub fn bench_cache(
     let (f32_forward, agreement) = if precision.is_f32() {
         (None, None)
     } else {
-        let reference = &teacher.model;
+        let mut reference = teacher.model.clone();
+        reference.set_precision(Precision::F32)?;
+        let reference = &reference;
         let f32_forward = timed(reference)?;
         let mut acc = AgreementSum::default();
         for ids in &batches {
@@ -222,29 +224,19 @@ impl AgreementSum {
             .par_chunks(v)
             .zip(b.par_chunks(v))
             .map(|(p, q)| {
-                let lse = |r: &[f32]| {
-                    let m = r.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-                    m + r.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
-                };
-                let (lp, lq) = (lse(p), lse(q));
-                let kl: f64 = p
-                    .iter()
-                    .zip(q)
-                    .map(|(&x, &y)| {
-                        let (x, y) = (x as f64 - lp, y as f64 - lq);
-                        x.exp() * (x - y)
-                    })
-                    .sum();
                 let (mut ip, mut iq) = (vec![0u32; k], vec![0u32; k]);
+                let mut lps = vec![0f32; k];
                 let mut scratch = vec![0f32; k];
-                row_topk(p, &mut ip, &mut scratch);
-                row_topk(q, &mut iq, &mut scratch);
+                let lp = row_topk(p, &mut ip, &mut lps);
+                let lq = row_topk(q, &mut iq, &mut scratch);
                 let overlap = ip.iter().filter(|i| iq.contains(i)).count();
+                // The cached log-probs (the f32 top-k's) at the other precision.
                 let lp_max = ip
                     .iter()
-                    .map(|&i| ((p[i as usize] as f64 - lp) - (q[i as usize] as f64 - lq)).abs())
+                    .zip(&lps)
+                    .map(|(&i, &l)| (l - (q[i as usize] - lq)).abs() as f64)
                     .fold(0.0, f64::max);
-                (kl.max(0.0), ip[0] == iq[0], overlap, lp_max)
+                (kl_row(p, lp, q, lq), ip[0] == iq[0], overlap, lp_max)
             })
             .collect();
         for (kl, same, overlap, lp_max) in rows {

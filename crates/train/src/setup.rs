@@ -346,7 +346,18 @@ impl Setup {
         let teacher = match &self.targets {
             Targets::Live { model, .. } => {
                 let c = model.config();
+                // At bf16, every product's weight once more in 2 bytes: the layers and the
+                // lm_head (an untied input embedding is only looked up).
+                let packed = match model.precision() {
+                    distill_core::Precision::F32 => 0,
+                    distill_core::Precision::Bf16 => {
+                        let embed = c.vocab_size as u64 * c.hidden_size as u64;
+                        let lookup_only = if c.tie_word_embeddings { 0 } else { embed };
+                        (c.num_params() as u64 - lookup_only) * 2
+                    }
+                };
                 c.num_params() as u64 * 4
+                    + packed
                     + rows * (c.hidden_size as u64 * 8 + c.intermediate_size as u64 * 4) * 4
             }
             Targets::Cache(_) | Targets::OneHot => 0,

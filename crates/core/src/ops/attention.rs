@@ -14,7 +14,7 @@
 //! probabilities, whose hidden entries are 0, so a NaN in a value row past a position but inside
 //! its block of 64 still reaches it (0 · NaN) — the loss is NaN either way.
 
-use super::{gemm_f32, host_f32, storage_f32};
+use super::{gemm_f32, host_f32, host_f32_all, storage_f32};
 use crate::vexp;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -335,11 +335,7 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
         let g = Geom::of(lq.dims(), lk.dims(), lv.dims(), self.window)?;
-        let (q, k, v) = (
-            host_f32(sq, lq, name)?,
-            host_f32(sk, lk, name)?,
-            host_f32(sv, lv, name)?,
-        );
+        let [q, k, v] = host_f32_all(name, [(sq, lq), (sk, lk), (sv, lv)])?;
         let tasks = self.forward_tasks(&g, q, k, v);
         let out = heads_side_by_side(&g, |task| &tasks[task].0);
         if self.keep {

@@ -61,15 +61,7 @@ fn detect() -> bool {
     false
 }
 
-/// f32 → bf16 bits, rounded to nearest even (NaN stays NaN).
-#[inline(always)]
-pub fn to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
+pub use crate::vexp::bf16_bits as to_bf16;
 
 /// bf16 bits → f32 (exact).
 #[inline(always)]
@@ -87,6 +79,14 @@ pub struct PackedBf16 {
     inp: usize,
     /// Input blocks of 32.
     kblocks: usize,
+}
+
+/// Where W[n][k] of a 16-output panel's block `n` lies in the panel: input block k / 32's tile,
+/// row (k mod 32) / 2 of it, the pair of output n, the pair's element k mod 2.
+#[inline(always)]
+fn in_panel(n: usize, k: usize) -> usize {
+    let (kb, kk) = (k / KB, k % KB);
+    kb * TILE * KB + (kk / 2) * KB + n * 2 + kk % 2
 }
 
 impl std::fmt::Debug for PackedBf16 {
@@ -121,8 +121,7 @@ impl PackedBf16 {
                 }
                 let src = &w[row * inp..(row + 1) * inp];
                 for (k, &v) in src.iter().enumerate() {
-                    let (kb, kk) = (k / KB, k % KB);
-                    p[kb * TILE * KB + (kk / 2) * KB + n * 2 + (kk % 2)] = to_bf16(v);
+                    p[in_panel(n, k)] = to_bf16(v);
                 }
             }
         });
@@ -144,14 +143,6 @@ impl PackedBf16 {
         Ok(Self::pack(&v, out, inp))
     }
 
-    pub fn out_dim(&self) -> usize {
-        self.out
-    }
-
-    pub fn in_dim(&self) -> usize {
-        self.inp
-    }
-
     /// The weight back in f32 (the bf16 values), (out × in): what the products multiply by.
     pub fn unpack(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.out * self.inp];
@@ -159,10 +150,7 @@ impl PackedBf16 {
         for row in 0..self.out {
             let (nb, n) = (row / TILE, row % TILE);
             for k in 0..self.inp {
-                let (kb, kk) = (k / KB, k % KB);
-                w[row * self.inp + k] = from_bf16(
-                    self.data[nb * panel + kb * TILE * KB + (kk / 2) * KB + n * 2 + kk % 2],
-                );
+                w[row * self.inp + k] = from_bf16(self.data[nb * panel + in_panel(n, k)]);
             }
         }
         w
@@ -437,13 +425,7 @@ pub fn linear(x: &Tensor, w: &PackedBf16, r: Option<&Tensor>) -> Result<Option<T
         && !super::needs_grad(&[x])
         && x.rank() >= 1
         && x.dims().last() == Some(&w.inp)
-        && r.is_none_or(|r| {
-            super::cpu_f32(&[r])
-                && !r.track_op()
-                && r.rank() == x.rank()
-                && r.dims()[..r.rank() - 1] == x.dims()[..x.rank() - 1]
-                && r.dims().last() == Some(&w.out)
-        });
+        && r.is_none_or(|r| !r.track_op() && super::residual_fits(x, r, w.out));
     if !fits {
         return Ok(None);
     }
@@ -482,7 +464,8 @@ mod tests {
             .collect()
     }
 
-    /// The vectorised row conversion equals the scalar one, special values included.
+    /// The vectorised row conversion equals the scalar one (the same expression, compiled for
+    /// vector lanes), special values, exact ties and NaNs included.
     #[test]
     fn row_rounding_equals_the_scalar_one() {
         let mut x = lcg(11, 1000);

@@ -11,7 +11,7 @@
 //! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
 //! only then and keeps candle's ops for other devices.
 
-use super::{gemm_f32, gemm_f32_alloc, host_f32, storage_f32};
+use super::{gemm_f32, gemm_f32_alloc, host_f32, host_f32_all, storage_f32};
 use crate::vexp;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor,
@@ -327,11 +327,7 @@ impl CustomOp3 for SwiGluLinear {
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (x, wg, wu) = (
-            host_f32(sx, lx, name)?,
-            host_f32(sg, lg, name)?,
-            host_f32(su, lu, name)?,
-        );
+        let [x, wg, wu] = host_f32_all(name, [(sx, lx), (sg, lg), (su, lu)])?;
         let sizes = Self::sizes(lx.dims(), lg.dims(), lu.dims())?;
         let (rows, _, w) = sizes;
         let (gate, up) = Self::gate_up(x, wg, wu, sizes);
@@ -554,11 +550,7 @@ impl CustomOp3 for LinearAdd {
         lr: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (x, w, r) = (
-            host_f32(sx, lx, name)?,
-            host_f32(sw, lw, name)?,
-            host_f32(sr, lr, name)?,
-        );
+        let [x, w, r] = host_f32_all(name, [(sx, lx), (sw, lw), (sr, lr)])?;
         // The output's shape: x's with the last dimension W's rows.
         let out = match (lx.dims().split_last(), lw.dims().first()) {
             (Some((_, lead)), Some(&o)) => Some([lead, &[o]].concat()),

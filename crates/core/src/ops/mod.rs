@@ -28,6 +28,18 @@ pub fn host_f32<'a>(
     }
 }
 
+/// [`host_f32`] of each of a custom op's inputs, in order, named by the op in an error.
+pub fn host_f32_all<'a, const N: usize>(
+    name: &str,
+    inputs: [(&'a candle_core::CpuStorage, &candle_core::Layout); N],
+) -> Result<[&'a [f32]; N]> {
+    let mut out: [&[f32]; N] = [&[]; N];
+    for (o, (s, l)) in out.iter_mut().zip(inputs) {
+        *o = host_f32(s, l, name)?;
+    }
+    Ok(out)
+}
+
 /// [`host_f32`] of a storage that must be on the CPU: the kernels' inputs, read under the lock
 /// their tensor's `storage_and_layout` holds.
 fn storage_f32<'a>(
@@ -307,15 +319,21 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     ))
 }
 
+/// Whether `r` is an f32 CPU residual stream for a product of `x` (…, in) with `out` outputs:
+/// shape (…, out), the same leading dimensions as `x`.
+fn residual_fits(x: &Tensor, r: &Tensor, out: usize) -> bool {
+    cpu_f32(&[r])
+        && x.rank() >= 1
+        && r.rank() == x.rank()
+        && r.dims()[..r.rank() - 1] == x.dims()[..x.rank() - 1]
+        && r.dims().last() == Some(&out)
+}
+
 /// `r + x·Wᵀ` for a residual stream `r` (…, out), `x` (…, in), `W` (out, in), as one op
 /// ([`linear`]'s GEMMs with `r` as the product's initial value; its gradient is the output's).
 /// None where [`linear`] declines or `r` is not an f32 CPU tensor of the output's shape.
 pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Option<Tensor>> {
-    let fits = linear_fits(x, w, needs_grad(&[x, w, r]))?
-        && cpu_f32(&[r])
-        && r.rank() == x.rank()
-        && r.dims()[..r.rank() - 1] == x.dims()[..x.rank() - 1]
-        && r.dims().last() == Some(&w.dim(0)?);
+    let fits = linear_fits(x, w, needs_grad(&[x, w, r]))? && residual_fits(x, r, w.dim(0)?);
     if !fits {
         return Ok(None);
     }
