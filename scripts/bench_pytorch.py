@@ -11,6 +11,7 @@ Run with:
   python3 scripts/bench_pytorch.py gemm [--shapes 1024x1536x576,...] [--iters 5]
   python3 scripts/bench_pytorch.py train [--top-k 0|64] [--temperature 2] [--batch 8] [--seq-len 256]
       [--student DIR [--freeze-embeddings]]   # e.g. a pruned SmolLM2 (the healing workload)
+      [--precision f32|autocast]   # autocast: the forward under torch.autocast(bfloat16)
 
 Needs torch and transformers (pip install torch transformers). f32, 2 threads unless --threads.
 Prints one JSON object with the same keys as `distill bench teacher|train --json`.
@@ -163,9 +164,14 @@ def bench_train(args):
                         (math.log(nt) + (torch.log(tail / nt) + lse) / tau)[..., None]], -1)
         logp_b = lg - torch.logsumexp(lg, -1, keepdim=True)
 
+    # autocast: the forward (and so the backward's products) in bf16 on f32 weights, as
+    # `distill bench train --precision bf16` / train.precision = "bf16".
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "autocast")
+
     def step():
-        logits = model(ids).logits
-        logq = torch.log_softmax(logits / tau, -1)
+        with autocast:
+            logits = model(ids).logits
+        logq = torch.log_softmax(logits.float() / tau, -1)
         if args.top_k:
             kept = logq.gather(-1, kid)
             qt = torch.log((1 - kept.exp().sum(-1)).clamp(min=1e-30))
@@ -196,6 +202,7 @@ def bench_train(args):
         "steps": args.steps,
         "threads": torch.get_num_threads(),
         "device": "cpu",
+        "precision": args.precision,
         "peer": f"torch {torch.__version__}",
     }
 
@@ -227,6 +234,8 @@ def main():
     tr.add_argument("--steps", type=int, default=3)
     tr.add_argument("--student", help="a model dir to train instead of a new model of the shape above")
     tr.add_argument("--freeze-embeddings", action="store_true")
+    tr.add_argument("--precision", choices=["f32", "autocast"], default="f32",
+                    help="autocast: the forward under torch.autocast(bfloat16), f32 weights")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

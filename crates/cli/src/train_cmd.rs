@@ -1,6 +1,6 @@
 //! `distill train`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use distill_train::config::RunConfig;
 use distill_train::trainer::{run_config, train, Event, RunOptions};
@@ -188,6 +188,10 @@ pub struct BenchTrainArgs {
     /// Freeze the tied embeddings (as `student.freeze_embeddings = true`).
     #[arg(long)]
     freeze_embeddings: bool,
+    /// The products' precision, forward and backward: f32, or bf16 on AMX tiles (as
+    /// `train.precision`).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -198,6 +202,7 @@ pub struct BenchTrainArgs {
 pub fn bench(a: BenchTrainArgs) -> Result<()> {
     use distill_train::bench::{bench_train, TrainBenchOptions};
     let device = distill_core::parse_device(&a.device.device)?;
+    let precision: distill_core::Precision = a.precision.parse().context("--precision")?;
     let o = TrainBenchOptions {
         layers: a.layers,
         hidden: a.hidden,
@@ -212,8 +217,9 @@ pub fn bench(a: BenchTrainArgs) -> Result<()> {
         unfused: a.unfused,
         student: a.student.clone(),
         freeze_embeddings: a.freeze_embeddings,
+        precision,
     };
-    let r = bench_train(&o, &device)?;
+    let r = bench_train(&o, &device).with_context(|| format!("--precision {precision}"))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -233,8 +239,8 @@ pub fn bench(a: BenchTrainArgs) -> Result<()> {
             ),
         };
         println!(
-            "train {what} ({:.1}M params), {}, {} targets, batch {} × {}: {:.1} tok/s, peak RSS {:.0} MB, {} threads on {}",
-            r.params as f64 / 1e6, r.loss_kind, r.targets, r.batch, r.seq_len,
+            "train {what} ({:.1}M params), {}, {} targets, {} products, batch {} × {}: {:.1} tok/s, peak RSS {:.0} MB, {} threads on {}",
+            r.params as f64 / 1e6, r.loss_kind, r.targets, r.precision, r.batch, r.seq_len,
             r.tokens_per_second, r.peak_rss_bytes as f64 / 1e6, r.threads, r.device
         );
     }

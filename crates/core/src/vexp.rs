@@ -209,6 +209,16 @@ multiversion! {
 }
 
 multiversion! {
+    /// bf16 pairs for AMX operands: `out[i]` holds [`bf16_bits`] of `lo[i]` in its low half (the
+    /// lower address) and of `hi[i]` in its high half.
+    pub fn to_bf16_pairs(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+        for ((o, &a), &b) in out.iter_mut().zip(lo).zip(hi) {
+            *o = bf16_bits(a) as u32 | (bf16_bits(b) as u32) << 16;
+        }
+    }
+}
+
+multiversion! {
     /// SwiGLU: `out = silu(g) · u`, `silu(g) = g σ(g)`.
     pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {

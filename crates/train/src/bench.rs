@@ -31,6 +31,8 @@ pub struct TrainBenchOptions {
     pub student: Option<std::path::PathBuf>,
     /// Freeze the (tied) embeddings, as `student.freeze_embeddings` does.
     pub freeze_embeddings: bool,
+    /// The products' precision in the forward and backward (`train.precision`).
+    pub precision: distill_core::Precision,
 }
 
 impl Default for TrainBenchOptions {
@@ -49,6 +51,7 @@ impl Default for TrainBenchOptions {
             unfused: false,
             student: None,
             freeze_embeddings: false,
+            precision: distill_core::Precision::F32,
         }
     }
 }
@@ -65,6 +68,7 @@ pub struct TrainBench {
     pub steps: usize,
     pub threads: usize,
     pub device: String,
+    pub precision: distill_core::Precision,
 }
 
 /// Seeded normal(0, σ) values (candle's CPU RNG cannot be seeded).
@@ -140,6 +144,7 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         teacher_vocab: None,
     };
     let step = |opt: &mut AdamW| -> Result<f32> {
+        let autocast = distill_core::ops::Autocast::new(o.precision)?;
         let parts = if o.unfused {
             let logits = student.forward(&input)?;
             distill_loss(&logits, &targets, &labels, &loss_cfg)?
@@ -154,6 +159,7 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
             )?
         };
         let g = parts.total.backward()?;
+        drop(autocast);
         let mut grads: HashMap<String, Tensor> = opt
             .vars()
             .map(|(n, var)| {
@@ -198,6 +204,7 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         steps: o.steps,
         threads: distill_core::device::cpu_threads(),
         device: distill_core::device::device_name(device),
+        precision: o.precision,
     })
 }
 

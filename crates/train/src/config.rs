@@ -276,6 +276,12 @@ pub struct TrainSection {
     /// Step checkpoints kept (the best by validation loss is kept as well).
     pub keep_checkpoints: usize,
     pub device: String,
+    /// Precision of the student's products, forward and backward: "f32", or "bf16" (mixed
+    /// precision, as `torch.autocast`: each product's operands rounded to bf16 and multiplied
+    /// on the CPU's AMX tiles with f32 sums; weights, gradients, AdamW, norms, attention and the
+    /// loss stay f32). Evaluation runs at f32.
+    #[serde(skip_serializing_if = "distill_core::Precision::is_f32")]
+    pub precision: distill_core::Precision,
 }
 
 impl Default for TrainSection {
@@ -299,6 +305,7 @@ impl Default for TrainSection {
             checkpoint_every: 200,
             keep_checkpoints: 2,
             device: "cpu".into(),
+            precision: distill_core::Precision::F32,
         }
     }
 }

@@ -76,6 +76,24 @@ pub(crate) struct Setup {
 
 pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
     let device = distill_core::parse_device(&cfg.train.device)?;
+    if !cfg.train.precision.is_f32() {
+        let why = if device.is_cpu() {
+            distill_core::ops::Autocast::new(cfg.train.precision)
+                .err()
+                .map(|e| e.to_string())
+        } else {
+            Some(format!(
+                "its products run on the CPU's AMX tiles, and train.device is {}",
+                cfg.train.device
+            ))
+        };
+        if let Some(why) = why {
+            return Err(Error::Msg(format!(
+                "train.precision = \"{}\": {why}",
+                cfg.train.precision
+            )));
+        }
+    }
     let tdir = &cfg.teacher.model;
     if !tdir.is_dir() {
         return Err(Error::file(tdir, "teacher model dir does not exist"));

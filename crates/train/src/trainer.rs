@@ -345,6 +345,8 @@ fn optimizer_step(
             off_policy_batch(s, st, &seqs, &mut seconds)?
         };
         let timer = Instant::now();
+        // The student's products at train.precision (the teacher's ran above at its own).
+        let autocast = distill_core::ops::Autocast::new(t.precision)?;
         let (parts, hidden) = micro_loss(st, &mb)?;
         loss_sum += parts.total.to_scalar::<f32>()?;
         kd_sum += parts.kd;
@@ -356,6 +358,7 @@ fn optimizer_step(
         }
         tokens += mb.tokens;
         let g = (parts.total / t.grad_accum as f64)?.backward()?;
+        drop(autocast);
         for (name, var) in opt.vars() {
             let gi = g
                 .get(var.as_tensor())

@@ -731,3 +731,66 @@ fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
         );
     }
 }
+
+/// Mixed-precision training (`train.precision = "bf16"`: the student's products on AMX tiles):
+/// the loss falls, a resumed run is bit-identical to a straight one, the run's config.toml
+/// records the precision, and the first steps' losses stay within bf16 rounding of f32's. An
+/// unknown precision is refused naming the key; without AMX, bf16 is refused naming it.
+#[test]
+fn bf16_student_products_train_and_resume_bit_identically() {
+    let f = fixture(false);
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    let err = RunConfig::load(&tiny, &["train.precision=\"fp8\"".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+    let sets = [
+        "train.max_steps=30",
+        "train.checkpoint_every=100",
+        "train.eval_every=10",
+        "train.precision=\"bf16\"",
+    ];
+    if !distill_core::ops::bf16::available() {
+        let err = run(
+            config(&f, false, &sets),
+            &f.root.join("refused"),
+            false,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("train.precision") && err.contains("AMX-BF16"),
+            "{err}"
+        );
+        return;
+    }
+    let straight = f.root.join("straight");
+    run(config(&f, false, &sets), &straight, false, None).unwrap();
+    let config_toml = std::fs::read_to_string(straight.join("config.toml")).unwrap();
+    assert!(
+        config_toml.contains("precision = \"bf16\""),
+        "{config_toml}"
+    );
+    let l = losses(&straight);
+    let first: f64 = l[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    let last: f64 = l[25..].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    assert!(last < 0.8 * first, "loss {first} → {last}");
+    let halves = f.root.join("halves");
+    run(config(&f, false, &sets), &halves, false, Some(15)).unwrap();
+    run(config(&f, false, &sets), &halves, true, None).unwrap();
+    assert_eq!(losses(&straight), losses(&halves));
+    assert_eq!(
+        std::fs::read(straight.join("final/model.safetensors")).unwrap(),
+        std::fs::read(halves.join("final/model.safetensors")).unwrap()
+    );
+    let f32_run = f.root.join("f32");
+    run(config(&f, false, &sets[..3]), &f32_run, false, Some(3)).unwrap();
+    assert_eq!(losses(&f32_run).len(), 3);
+    for ((_, a), (_, b)) in losses(&f32_run).iter().zip(&l) {
+        assert!(
+            a != b && (a - b).abs() < 1e-2 * a.abs(),
+            "f32 {a} vs bf16 {b}"
+        );
+    }
+}

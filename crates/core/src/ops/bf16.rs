@@ -98,37 +98,105 @@ impl std::fmt::Debug for PackedBf16 {
 impl PackedBf16 {
     /// Packs `w` (out × in, row-major).
     pub fn pack(w: &[f32], out: usize, inp: usize) -> Self {
-        use rayon::prelude::*;
         assert_eq!(w.len(), out * inp, "PackedBf16::pack: weight length");
-        let kblocks = inp.div_ceil(KB);
-        let nblocks = out.div_ceil(2 * TILE) * 2;
+        Self::pack_strided(w, inp, out, (inp, 1))
+    }
+
+    /// Packs the right operand `B` (k × n) of a product `A B`, element `B[i][j]` at
+    /// `b[i·rs + j·cs]` (column stride `cs`, row stride `rs`): as a weight of `n` outputs over
+    /// `k` inputs. A weight (out × in, row-major) in `x Wᵀ` is `(in, out, (in, 1))`.
+    pub fn pack_strided(b: &[f32], k: usize, n: usize, (cs, rs): (usize, usize)) -> Self {
+        use rayon::prelude::*;
+        assert!(
+            b.len() >= super::span(cs, rs, k, n),
+            "PackedBf16::pack_strided: operand too short"
+        );
+        let kblocks = k.div_ceil(KB);
+        let nblocks = n.div_ceil(2 * TILE) * 2;
         let panel = kblocks * TILE * KB; // u16 per 16-output panel
         let mut data = vec![0u16; nblocks * panel];
         if panel == 0 {
             // No inputs: nothing to pack (every product is 0).
             return Self {
                 data,
-                out,
-                inp,
+                out: n,
+                inp: k,
+                kblocks,
+            };
+        }
+        if cs == 1 && n > 0 && data.as_ptr().align_offset(4) == 0 {
+            // Rows of B run along the outputs (an activation): each k pair's two rows read as
+            // two streams and interleaved in one vector pass, then copied into every panel's
+            // cells for that pair (a panel-major walk would read one cache line per row).
+            let cells = SendPtr(data.as_mut_ptr().cast::<u32>());
+            let half_panel = panel / 2;
+            (0..k.div_ceil(2))
+                .into_par_iter()
+                .with_min_len(8)
+                .for_each_init(
+                    || vec![0u32; n],
+                    |pairs, q| {
+                        let lo = &b[2 * q * rs..][..n];
+                        // An odd K's last pair: zeros after its one row.
+                        let zeros;
+                        let hi = if 2 * q + 1 < k {
+                            &b[(2 * q + 1) * rs..][..n]
+                        } else {
+                            zeros = vec![0f32; n];
+                            &zeros[..]
+                        };
+                        crate::vexp::to_bf16_pairs(lo, hi, pairs);
+                        let at = (q / TILE) * TILE * TILE + (q % TILE) * TILE;
+                        for (nb, chunk) in pairs.chunks(TILE).enumerate() {
+                            // SAFETY: panel nb's cells of pair q, inside `data` (n ≤ panels ×
+                            // 16, q < kblocks × 16); no other pair writes them.
+                            unsafe {
+                                let dst = cells.ptr().add(nb * half_panel + at);
+                                std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst, chunk.len());
+                            }
+                        }
+                    },
+                );
+            return Self {
+                data,
+                out: n,
+                inp: k,
                 kblocks,
             };
         }
         data.par_chunks_mut(panel).enumerate().for_each(|(nb, p)| {
-            for n in 0..TILE {
-                let row = nb * TILE + n;
-                if row >= out {
-                    break;
+            let n0 = nb * TILE;
+            let width = TILE.min(n.saturating_sub(n0));
+            if width == 0 {
+                return;
+            }
+            // The panel as (k-pair, output) u32 cells: a pair's two bf16 values side by side.
+            // SAFETY: any bit pattern is a valid u16 and u32; the u32 middle is aligned.
+            let (pre, cells, _) = unsafe { p.align_to_mut::<u32>() };
+            let cell = |q: usize| (q / TILE) * TILE * TILE + (q % TILE) * TILE;
+            if pre.is_empty() && rs == 1 {
+                // Columns of B run along K (a weight, out × in): each output's row rounded in
+                // one vector pass, then its k pairs moved into their cells.
+                let half = k.div_ceil(2);
+                let mut row = vec![0u16; 2 * half];
+                for j in 0..width {
+                    crate::vexp::to_bf16(&b[(n0 + j) * cs..][..k], &mut row[..k]);
+                    for q in 0..half {
+                        cells[cell(q) + j] = row[2 * q] as u32 | (row[2 * q + 1] as u32) << 16;
+                    }
                 }
-                let src = &w[row * inp..(row + 1) * inp];
-                for (k, &v) in src.iter().enumerate() {
-                    p[in_panel(n, k)] = to_bf16(v);
+            } else {
+                for i in 0..k {
+                    for j in 0..width {
+                        p[in_panel(j, i)] = to_bf16(b[i * rs + (n0 + j) * cs]);
+                    }
                 }
             }
         });
         Self {
             data,
-            out,
-            inp,
+            out: n,
+            inp: k,
             kblocks,
         }
     }
@@ -161,28 +229,113 @@ impl PackedBf16 {
 /// values as the products' starting point (a residual stream). Runs on rayon's pool, each task a
 /// range of 32-output blocks. Panics without AMX ([`available`]) or on mismatched lengths.
 pub fn gemm(x: &[f32], m: usize, w: &PackedBf16, y: &mut [f32], accumulate: bool) {
+    assert_eq!(x.len(), m * w.inp, "bf16 gemm: input length");
+    gemm_strided(m, x, (1, w.inp), w, y, accumulate);
+}
+
+/// [`gemm`] for a left operand `A` (m × in) given by strides: `A[i][k]` at `a[i·rs + k·cs]` (a
+/// transposed or interleaved operand of a backward product). `y` (m × out) is row-major.
+pub fn gemm_strided(
+    m: usize,
+    a: &[f32],
+    (cs, rs): (usize, usize),
+    w: &PackedBf16,
+    y: &mut [f32],
+    accumulate: bool,
+) {
     assert_eq!(y.len(), m * w.out, "bf16 gemm: output length");
     // SAFETY: y holds the m × out elements written.
-    unsafe { gemm_raw(x, m, w, y.as_mut_ptr(), accumulate) }
+    unsafe { gemm_raw(Lhs { a, cs, rs }, m, w, y.as_mut_ptr(), accumulate) }
 }
 
 /// A new (m × out) `x Wᵀ`, in memory that is not zero-filled first: every element is written.
 pub fn gemm_alloc(x: &[f32], m: usize, w: &PackedBf16) -> Vec<f32> {
+    assert_eq!(x.len(), m * w.inp, "bf16 gemm: input length");
+    gemm_strided_alloc(m, x, (1, w.inp), w)
+}
+
+/// [`gemm_strided`] into fresh memory that is not zero-filled first.
+pub fn gemm_strided_alloc(
+    m: usize,
+    a: &[f32],
+    (cs, rs): (usize, usize),
+    w: &PackedBf16,
+) -> Vec<f32> {
     let mut y: Vec<f32> = Vec::with_capacity(m * w.out);
     // SAFETY: without `accumulate` the kernel writes each of the m × out elements and reads
     // none, before `set_len` makes them visible.
     unsafe {
-        gemm_raw(x, m, w, y.as_mut_ptr(), false);
+        gemm_raw(Lhs { a, cs, rs }, m, w, y.as_mut_ptr(), false);
         y.set_len(m * w.out);
     }
     y
 }
 
+/// A product's left operand in f32: element (i, k) at `a[i·rs + k·cs]`.
+struct Lhs<'a> {
+    a: &'a [f32],
+    cs: usize,
+    rs: usize,
+}
+
+impl Lhs<'_> {
+    /// The operand's `m` rows (K = `k`) rounded into `dst` (m rows of `kp` ≥ k, zeros after K).
+    fn round_into(&self, m: usize, k: usize, kp: usize, dst: &mut [u16]) {
+        use rayon::prelude::*;
+        let (a, cs, rs) = (self.a, self.cs, self.rs);
+        if cs == 1 {
+            dst.par_chunks_mut(kp)
+                .enumerate()
+                .for_each(|(i, d)| round_row(&a[i * rs..][..k], d));
+        } else if rs == 1 && dst.as_ptr().align_offset(4) == 0 {
+            // A transposed operand (its columns contiguous): each k pair's two source rows read
+            // as two streams and interleaved in one vector pass, then moved into the m rows.
+            let cells = SendPtr(dst.as_mut_ptr().cast::<u32>());
+            let half_kp = kp / 2;
+            (0..k.div_ceil(2))
+                .into_par_iter()
+                .with_min_len(8)
+                .for_each_init(
+                    || vec![0u32; m],
+                    |pairs, q| {
+                        let lo = &a[2 * q * cs..][..m];
+                        // An odd K's last pair: zeros after its one row.
+                        let zeros;
+                        let hi = if 2 * q + 1 < k {
+                            &a[(2 * q + 1) * cs..][..m]
+                        } else {
+                            zeros = vec![0f32; m];
+                            &zeros[..]
+                        };
+                        crate::vexp::to_bf16_pairs(lo, hi, pairs);
+                        for (i, &v) in pairs.iter().enumerate() {
+                            // SAFETY: row i's pair q, inside `dst` (i < m, 2q + 1 < kp); no
+                            // other pair writes it.
+                            unsafe { *cells.ptr().add(i * half_kp + q) = v };
+                        }
+                    },
+                );
+            let end = 2 * k.div_ceil(2);
+            dst.par_chunks_mut(kp).for_each(|d| d[end..].fill(0));
+        } else {
+            dst.par_chunks_mut(kp).enumerate().for_each(|(i, d)| {
+                for (kk, v) in d[..k].iter_mut().enumerate() {
+                    *v = to_bf16(a[i * rs + kk * cs]);
+                }
+                d[k..].fill(0);
+            });
+        }
+    }
+}
+
 /// [`gemm`] into `y`, which must hold m × out elements (read only when `accumulate`).
-unsafe fn gemm_raw(x: &[f32], m: usize, w: &PackedBf16, y: *mut f32, accumulate: bool) {
+unsafe fn gemm_raw(x: Lhs, m: usize, w: &PackedBf16, y: *mut f32, accumulate: bool) {
     use rayon::prelude::*;
     assert!(available(), "bf16 gemm: this CPU or OS has no AMX-BF16");
-    assert_eq!(x.len(), m * w.inp, "bf16 gemm: input length");
+    assert!(
+        x.a.len() >= super::span(x.cs, x.rs, m, w.inp),
+        "bf16 gemm: input too short"
+    );
     if m == 0 || w.out == 0 {
         return;
     }
@@ -207,9 +360,7 @@ unsafe fn gemm_raw(x: &[f32], m: usize, w: &PackedBf16, y: *mut f32, accumulate:
     }
     let a = &mut buf[..mp * kp];
     let (rows, pad) = a.split_at_mut(m * kp);
-    rows.par_chunks_mut(kp)
-        .zip(x.par_chunks(w.inp))
-        .for_each(|(dst, src)| round_row(src, dst));
+    x.round_into(m, w.inp, kp, rows);
     pad.fill(0);
     let pairs = w.out.div_ceil(2 * TILE); // 32-output blocks
     let threads = rayon::current_num_threads().max(1);
@@ -225,10 +376,17 @@ unsafe fn gemm_raw(x: &[f32], m: usize, w: &PackedBf16, y: *mut f32, accumulate:
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+struct SendPtr<T>(*mut T);
 // SAFETY: the tasks sharing it write disjoint elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that a closure captures the wrapper, not its field).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
 
 /// One row of f32 into bf16, zeros after it to the end of `dst`.
 fn round_row(src: &[f32], dst: &mut [u16]) {
@@ -263,7 +421,7 @@ unsafe fn run_task(
     m: usize,
     w: &PackedBf16,
     pairs: std::ops::Range<usize>,
-    y: SendPtr,
+    y: SendPtr<f32>,
     accumulate: bool,
 ) {
     let cfg = TileConfig::new();
@@ -337,7 +495,7 @@ unsafe fn run_task(
     _: usize,
     _: &PackedBf16,
     _: std::ops::Range<usize>,
-    _: SendPtr,
+    _: SendPtr<f32>,
     _: bool,
 ) {
     unreachable!("AMX is x86_64 only")
@@ -559,6 +717,79 @@ mod tests {
                             (got - s).abs() <= 1e-6 * mag + 1e-30,
                             "({m},{out},{inp}) acc={accumulate} [{i},{j}]: {got} vs {s}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Both operands given by strides, in every layout the packing and the rounding take a
+    /// path for (rows of A contiguous or transposed, B as a weight or as an activation, neither),
+    /// at odd K and partial blocks: the products equal an f64 sum of the rounded inputs, and the
+    /// packed B unpacks to the rounded operand.
+    #[test]
+    fn strided_operands_match_the_rounded_inputs_in_f64() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return;
+        }
+        // (rows, cols, pad) → (cs, rs) and the buffer length, for each layout.
+        let layouts = |rows: usize, cols: usize| {
+            [
+                ((1, cols + 3), (rows - 1) * (cols + 3) + cols), // row-major, padded rows
+                ((rows + 5, 1), (cols - 1) * (rows + 5) + rows), // transposed, padded
+                (
+                    (2, 2 * cols + 1),
+                    (rows - 1) * (2 * cols + 1) + 2 * cols - 1,
+                ), // interleaved
+            ]
+        };
+        for (m, n, k) in [(33, 47, 71), (64, 96, 64), (5, 130, 1), (20, 17, 300)] {
+            for (ai, ((acs, ars), alen)) in layouts(m, k).into_iter().enumerate() {
+                for (bi, ((bcs, brs), blen)) in layouts(k, n).into_iter().enumerate() {
+                    let a = lcg(20 + ai as u64, alen);
+                    let b = lcg(30 + bi as u64, blen);
+                    let at = |i: usize, kk: usize| from_bf16(to_bf16(a[i * ars + kk * acs]));
+                    let bt = |kk: usize, j: usize| from_bf16(to_bf16(b[kk * brs + j * bcs]));
+                    let packed = PackedBf16::pack_strided(&b, k, n, (bcs, brs));
+                    let back = packed.unpack();
+                    for kk in 0..k {
+                        for j in 0..n {
+                            assert_eq!(back[j * k + kk], bt(kk, j), "B layout {bi} ({kk},{j})");
+                        }
+                    }
+                    let r = lcg(40, m * n);
+                    for accumulate in [false, true] {
+                        let mut y = if accumulate {
+                            r.clone()
+                        } else {
+                            vec![3.0; m * n]
+                        };
+                        gemm_strided(m, &a, (acs, ars), &packed, &mut y, accumulate);
+                        let fresh = gemm_strided_alloc(m, &a, (acs, ars), &packed);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (mut s, mut mag) = (0f64, 0f64);
+                                if accumulate {
+                                    s = r[i * n + j] as f64;
+                                    mag = s.abs();
+                                }
+                                for kk in 0..k {
+                                    let p = at(i, kk) as f64 * bt(kk, j) as f64;
+                                    s += p;
+                                    mag += p.abs();
+                                }
+                                let what = format!("({m},{n},{k}) A {ai} B {bi} [{i},{j}]");
+                                let got = y[i * n + j] as f64;
+                                assert!(
+                                    (got - s).abs() <= 1e-6 * mag + 1e-30,
+                                    "{what}: {got} vs {s}"
+                                );
+                                if !accumulate {
+                                    assert_eq!(fresh[i * n + j], y[i * n + j], "{what}");
+                                }
+                            }
+                        }
                     }
                 }
             }

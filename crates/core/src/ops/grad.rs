@@ -11,7 +11,8 @@
 //! stay bit-identical. The inputs must be contiguous f32 CPU tensors; [`super`] chooses these ops
 //! only then and keeps candle's ops for other devices.
 
-use super::{gemm_f32, gemm_f32_alloc, host_f32, host_f32_all, storage_f32};
+use super::{host_f32, host_f32_all, product, product_alloc, storage_f32};
+use crate::model::Precision;
 use crate::vexp;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor,
@@ -285,6 +286,8 @@ impl CustomOp1 for SwiGluPacked {
 /// a concatenated weight (a copy forward, slices and their accumulators backward) nor a packed
 /// product is a tensor of candle's graph.
 pub(super) struct SwiGluLinear {
+    /// The products' precision ([`super::Autocast`]), forward and backward.
+    pub precision: Precision,
     /// Whether a backward will run (the products are kept for it).
     pub keep: bool,
     pub saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
@@ -301,13 +304,15 @@ impl SwiGluLinear {
 
     /// `x W_gᵀ` and `x W_uᵀ`, each (rows × width), in fresh memory.
     fn gate_up(
+        &self,
         x: &[f32],
         wg: &[f32],
         wu: &[f32],
         (rows, i, w): (usize, usize, usize),
     ) -> (Vec<f32>, Vec<f32>) {
         let threads = candle_core::utils::get_num_threads();
-        let product = |weight| gemm_f32_alloc((rows, w, i), x, (1, i), weight, (i, 1), threads);
+        let p = self.precision;
+        let product = |weight| product_alloc(p, (rows, w, i), x, (1, i), weight, (i, 1), threads);
         (product(wg), product(wu))
     }
 }
@@ -330,7 +335,7 @@ impl CustomOp3 for SwiGluLinear {
         let [x, wg, wu] = host_f32_all(name, [(sx, lx), (sg, lg), (su, lu)])?;
         let sizes = Self::sizes(lx.dims(), lg.dims(), lu.dims())?;
         let (rows, _, w) = sizes;
-        let (gate, up) = Self::gate_up(x, wg, wu, sizes);
+        let (gate, up) = self.gate_up(x, wg, wu, sizes);
         let mut out = vec![0f32; rows * w];
         map_rows(&mut out, w, |r, o| {
             let row = w * r..w * (r + 1);
@@ -364,7 +369,7 @@ impl CustomOp3 for SwiGluLinear {
                     let kept = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
                     let (gate, up) = match kept {
                         Some((gate, up)) if gate.len() == rows * w => (gate, up),
-                        _ => Self::gate_up(xs, g_w, u_w, sizes),
+                        _ => self.gate_up(xs, g_w, u_w, sizes),
                     };
                     // [dgate | dup] (rows × 2·width).
                     let dgu = with_data(&dy, name, |g| {
@@ -380,14 +385,13 @@ impl CustomOp3 for SwiGluLinear {
                     drop((gate, up));
                     let dx = if x.track_op() {
                         // dx (rows×in) = dgate · W_g + dup · W_u.
+                        let p = self.precision;
                         let mut dx =
-                            gemm_f32_alloc((rows, i, w), &dgu, (1, 2 * w), g_w, (1, i), threads);
-                        gemm_f32(
-                            rows,
-                            i,
-                            w,
+                            product_alloc(p, (rows, i, w), &dgu, (1, 2 * w), g_w, (1, i), threads);
+                        product(
+                            p,
+                            (rows, i, w),
                             &mut dx,
-                            (1, i),
                             true,
                             &dgu[w..],
                             (1, 2 * w),
@@ -405,7 +409,8 @@ impl CustomOp3 for SwiGluLinear {
                             return Ok(None);
                         }
                         let lhs = &dgu[half * w..];
-                        let dw = gemm_f32_alloc((w, i, rows), lhs, (2 * w, 1), xs, (1, i), threads);
+                        let (p, shape) = (self.precision, (w, i, rows));
+                        let dw = product_alloc(p, shape, lhs, (2 * w, 1), xs, (1, i), threads);
                         Ok(Some(cpu_tensor(dw, weight.shape())?))
                     };
                     Ok((dx, dweight(0, wg)?, dweight(1, wu)?))
@@ -417,7 +422,10 @@ impl CustomOp3 for SwiGluLinear {
 
 /// `y = x Wᵀ`: x (…, in), W (out, in) → (…, out); backward `dx = dy W`, `dW = dyᵀ x`, each one
 /// GEMM on candle's thread count, and only where a gradient flows.
-pub(super) struct Linear;
+pub(super) struct Linear {
+    /// The products' precision ([`super::Autocast`]), forward and backward.
+    pub precision: Precision,
+}
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
@@ -435,7 +443,7 @@ impl CustomOp2 for Linear {
             host_f32(sx, lx, self.name())?,
             host_f32(sw, lw, self.name())?,
         );
-        Self::forward(x, lx, w, lw, None)
+        Self::forward(self.precision, x, lx, w, lw, None)
     }
 
     fn bwd(
@@ -445,7 +453,7 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Self::backward(x, w, dy)
+        Self::backward(self.precision, x, w, dy)
     }
 }
 
@@ -460,6 +468,7 @@ impl Linear {
 
     /// `[r +] x · Wᵀ`, (…, out).
     fn forward(
+        p: Precision,
         x: &[f32],
         lx: &Layout,
         w: &[f32],
@@ -470,7 +479,7 @@ impl Linear {
         let threads = candle_core::utils::get_num_threads();
         // y (rows×out) = [r +] x (rows×in) · Wᵀ (in×out): W's rows read as columns.
         let y = match residual {
-            None => gemm_f32_alloc((rows, o, i), x, (1, i), w, (i, 1), threads),
+            None => product_alloc(p, (rows, o, i), x, (1, i), w, (i, 1), threads),
             Some(r) => {
                 if r.len() != rows * o {
                     candle_core::bail!(
@@ -479,19 +488,7 @@ impl Linear {
                     );
                 }
                 let mut y = r.to_vec();
-                gemm_f32(
-                    rows,
-                    o,
-                    i,
-                    &mut y,
-                    (1, o),
-                    true,
-                    x,
-                    (1, i),
-                    w,
-                    (i, 1),
-                    threads,
-                );
+                product(p, (rows, o, i), &mut y, true, x, (1, i), w, (i, 1), threads);
                 y
             }
         };
@@ -501,7 +498,12 @@ impl Linear {
     }
 
     /// The input's and the weight's gradients, each only where one flows.
-    fn backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(
+        p: Precision,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = "distill-linear";
         let (rows, i, o) = Self::sizes(x.dims(), w.dims())?;
         let dy = dy.contiguous()?;
@@ -510,7 +512,7 @@ impl Linear {
             let dx = if x.track_op() {
                 with_data(w, name, |w| {
                     // dx (rows×in) = dy (rows×out) · W (out×in).
-                    let dx = gemm_f32_alloc((rows, i, o), g, (1, o), w, (1, i), threads);
+                    let dx = product_alloc(p, (rows, i, o), g, (1, o), w, (1, i), threads);
                     Ok(Some(cpu_tensor(dx, x.shape())?))
                 })?
             } else {
@@ -519,7 +521,7 @@ impl Linear {
             let dw = if w.track_op() {
                 with_data(x, name, |x| {
                     // dW (out×in) = dyᵀ (out×rows) · x (rows×in).
-                    let dw = gemm_f32_alloc((o, i, rows), g, (o, 1), x, (1, i), threads);
+                    let dw = product_alloc(p, (o, i, rows), g, (o, 1), x, (1, i), threads);
                     Ok(Some(cpu_tensor(dw, w.shape())?))
                 })?
             } else {
@@ -533,7 +535,10 @@ impl Linear {
 /// `r + x·Wᵀ` (a residual stream plus a projection), one op: the residual, copied, is the GEMM's
 /// initial value (a copy where an add read two tensors), and the projection's output is no
 /// tensor whose gradient candle would accumulate; the residual's gradient is the output's, as is.
-pub(super) struct LinearAdd;
+pub(super) struct LinearAdd {
+    /// The products' precision ([`super::Autocast`]), forward and backward.
+    pub precision: Precision,
+}
 
 impl CustomOp3 for LinearAdd {
     fn name(&self) -> &'static str {
@@ -564,7 +569,7 @@ impl CustomOp3 for LinearAdd {
                 lw.dims()
             );
         }
-        Linear::forward(x, lx, w, lw, Some(r))
+        Linear::forward(self.precision, x, lx, w, lw, Some(r))
     }
 
     fn bwd(
@@ -575,7 +580,7 @@ impl CustomOp3 for LinearAdd {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = Linear::backward(x, w, dy)?;
+        let (dx, dw) = Linear::backward(self.precision, x, w, dy)?;
         let dr = r.track_op().then(|| dy.clone());
         Ok((dx, dw, dr))
     }

@@ -9,6 +9,7 @@ mod attention;
 pub mod bf16;
 mod grad;
 
+use crate::model::Precision;
 use candle_core::{DType, Result, Tensor, D};
 
 /// The data of a contiguous f32 CPU storage as a slice, for custom ops' kernels; `what` names
@@ -218,6 +219,102 @@ pub fn transpose_f32(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     dst
 }
 
+thread_local! {
+    static AUTOCAST: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// The precision of the products of the trainable linear ops ([`linear`], [`linear_add`],
+/// [`swiglu_linear`], and the lm-head loss that reads [`autocast_precision`]) built on this
+/// thread while the guard lives — forward and, since each op keeps it, backward. Like
+/// `torch.autocast(dtype=bfloat16)`: at bf16 both operands of each product are rounded to bf16
+/// (round to nearest even) and multiplied on AMX tiles with f32 sums; weights, gradients,
+/// optimizer state, norms, attention and the loss stay f32. Dropping the guard restores the
+/// precision it found.
+#[must_use = "the precision holds only while the guard lives"]
+pub struct Autocast {
+    prev: Precision,
+}
+
+impl Autocast {
+    /// Sets this thread's product precision; bf16 without AMX-BF16 is an error.
+    pub fn new(precision: Precision) -> Result<Self> {
+        if !precision.is_f32() && !bf16::available() {
+            candle_core::bail!(
+                "bf16 products need AMX-BF16, which this CPU or OS does not offer; use f32"
+            );
+        }
+        Ok(Self {
+            prev: AUTOCAST.replace(precision),
+        })
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        AUTOCAST.set(self.prev);
+    }
+}
+
+/// This thread's product precision for trainable ops ([`Autocast`]; f32 outside one).
+pub fn autocast_precision() -> Precision {
+    AUTOCAST.get()
+}
+
+/// `dst` (m×n, row-major) := [dst +] lhs (m×k) · rhs (k×n), operands given by their column and
+/// row strides as in [`gemm_f32`], at `precision`: f32 through [`gemm_f32`]; bf16 with `rhs`
+/// packed into AMX tiles for this call and `lhs` rounded row by row ([`bf16::gemm_strided`]).
+#[allow(clippy::too_many_arguments)]
+pub fn product(
+    precision: Precision,
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    threads: usize,
+) {
+    match precision {
+        Precision::F32 => gemm_f32(
+            m,
+            n,
+            k,
+            dst,
+            (1, n),
+            accumulate,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            threads,
+        ),
+        Precision::Bf16 => {
+            let w = bf16::PackedBf16::pack_strided(rhs, k, n, rhs_strides);
+            bf16::gemm_strided(m, lhs, lhs_strides, &w, &mut dst[..m * n], accumulate);
+        }
+    }
+}
+
+/// [`product`] into fresh row-major memory (not zero-filled first: every element is written).
+pub fn product_alloc(
+    precision: Precision,
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    match precision {
+        Precision::F32 => gemm_f32_alloc((m, n, k), lhs, lhs_strides, rhs, rhs_strides, threads),
+        Precision::Bf16 => {
+            let w = bf16::PackedBf16::pack_strided(rhs, k, n, rhs_strides);
+            bf16::gemm_strided_alloc(m, lhs, lhs_strides, &w)
+        }
+    }
+}
+
 fn needs_grad(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
@@ -314,9 +411,12 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !linear_fits(x, w, needs_grad(&[x, w]))? {
         return Ok(None);
     }
-    Ok(Some(
-        x.contiguous()?.apply_op2(&w.contiguous()?, grad::Linear)?,
-    ))
+    Ok(Some(x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        grad::Linear {
+            precision: autocast_precision(),
+        },
+    )?))
 }
 
 /// Whether `r` is an f32 CPU residual stream for a product of `x` (…, in) with `out` outputs:
@@ -340,7 +440,9 @@ pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Option<Tensor>> 
     Ok(Some(x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &r.contiguous()?,
-        grad::LinearAdd,
+        grad::LinearAdd {
+            precision: autocast_precision(),
+        },
     )?))
 }
 
@@ -438,6 +540,7 @@ pub fn swiglu_linear(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Optio
         return Ok(None);
     }
     let op = grad::SwiGluLinear {
+        precision: autocast_precision(),
         keep: needs_grad(&[x, w_gate, w_up]),
         saved: std::sync::Mutex::new(None),
     };
@@ -821,6 +924,79 @@ mod tests {
         assert!(grads.get(xv.as_tensor()).is_some() && grads.get(rv.as_tensor()).is_some());
         assert!(linear_add(&x, &w, &r.narrow(2, 0, 28)?)?.is_none());
         assert!(linear_add(&x, &w, &r.narrow(1, 0, 36)?)?.is_none());
+        Ok(())
+    }
+
+    /// Under `Autocast(Bf16)` the trainable linear ops multiply bf16-rounded operands: values
+    /// and gradients within bf16 rounding of f32 (and not equal to it: the tiles ran), each op
+    /// keeping its precision for a backward run after the guard is gone; the guard restores the
+    /// precision it found.
+    #[test]
+    fn autocast_runs_the_trainable_products_in_bf16() -> Result<()> {
+        if !bf16::available() {
+            assert!(Autocast::new(Precision::Bf16).is_err());
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (3, 37, 40), &dev)?;
+        let w = Tensor::randn(0f32, 0.3, (29, 40), &dev)?;
+        let w2 = Tensor::randn(0f32, 0.3, (29, 40), &dev)?;
+        let r = Tensor::randn(0f32, 1., (3, 37, 29), &dev)?;
+        type Op = fn(&[Tensor]) -> Result<Tensor>;
+        let ops: [(&str, Op, Vec<&Tensor>); 3] = [
+            (
+                "linear",
+                |a| Ok(linear(&a[0], &a[1])?.expect("fits")),
+                vec![&x, &w],
+            ),
+            (
+                "linear_add",
+                |a| Ok(linear_add(&a[0], &a[1], &a[2])?.expect("fits")),
+                vec![&x, &w, &r],
+            ),
+            (
+                "swiglu_linear",
+                |a| Ok(swiglu_linear(&a[0], &a[1], &a[2])?.expect("fits")),
+                vec![&x, &w, &w2],
+            ),
+        ];
+        for (name, op, args) in ops {
+            let (y32, g32) = value_and_grads(&args, op)?;
+            let guard = Autocast::new(Precision::Bf16)?;
+            assert_eq!(autocast_precision(), Precision::Bf16);
+            let (y16, g16) = value_and_grads(&args, op)?;
+            // Forward under the guard, backward after it.
+            let vars: Vec<Var> = args
+                .iter()
+                .map(|a| Var::from_tensor(a))
+                .collect::<Result<_>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = op(&ts)?;
+            drop(guard);
+            assert_eq!(autocast_precision(), Precision::F32);
+            let weights = Tensor::arange(0f32, y.elem_count() as f32, &dev)?
+                .reshape(y.shape())?
+                .affine(0.37, 0.0)?
+                .sin()?;
+            let late = (&y * &weights)?.sum_all()?.backward()?;
+            assert_close(&format!("{name} bf16"), &y16, &y32, 2e-2);
+            assert!(max_diff(&y16, &y32) > 0.0, "{name}: the bf16 path ran");
+            for (i, (a, b)) in g16.iter().zip(&g32).enumerate() {
+                assert_close(&format!("{name} grad {i} bf16"), a, b, 2e-2);
+                let l = late.get(vars[i].as_tensor()).expect("a gradient");
+                assert_eq!(max_diff(l, a), 0.0, "{name} grad {i}: the op kept bf16");
+            }
+        }
+        // Guards nest and restore what they found.
+        let outer = Autocast::new(Precision::Bf16)?;
+        {
+            let _inner = Autocast::new(Precision::F32)?;
+            assert_eq!(autocast_precision(), Precision::F32);
+        }
+        assert_eq!(autocast_precision(), Precision::Bf16);
+        drop(outer);
+        assert_eq!(autocast_precision(), Precision::F32);
         Ok(())
     }
 

@@ -14,7 +14,9 @@ use super::{
     check_labels, f32_slice, kd_op, teacher_rows, KdOp, LossConfig, LossParts, IGNORE, ROW_OUT,
 };
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
-use distill_core::ops::gemm_f32;
+use distill_core::ops::bf16::{self, PackedBf16};
+use distill_core::ops::{gemm_f32, product};
+use distill_core::Precision;
 use distill_core::{Result, TeacherTargets};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -73,6 +75,9 @@ struct LmHeadKd {
     w_ce: f32,
     need_dh: bool,
     need_dw: bool,
+    /// The products' precision (`ops::Autocast` when the op was built): bf16 packs the projection
+    /// into AMX tiles once per call, for `z` and for `dh`.
+    precision: Precision,
     /// Rows per chunk ([`chunk_rows`]; small in tests, to cross chunk boundaries).
     chunk: usize,
     saved: Arc<Mutex<Saved>>,
@@ -125,23 +130,35 @@ impl LmHeadKd {
             Vec::new()
         };
         let mut rows = vec![[0f32; ROW_OUT]; n];
+        // At bf16: W (V × d) as the right operand of z = h Wᵀ and of dh = dz W, packed once for
+        // every chunk.
+        let packed = (!self.precision.is_f32()).then(|| {
+            let z = PackedBf16::pack_strided(w, d, v, (d, 1));
+            let dh = self
+                .need_dh
+                .then(|| PackedBf16::pack_strided(w, v, d, (1, d)));
+            (z, dh)
+        });
         for r0 in (0..n).step_by(c) {
             let m = c.min(n - r0);
             let hc = &h[r0 * d..(r0 + m) * d];
             // z (m×V) = h_c (m×d) · W^T (d×V).
-            gemm_f32(
-                m,
-                v,
-                d,
-                &mut z,
-                (1, v),
-                false,
-                hc,
-                (1, d),
-                w,
-                (d, 1),
-                threads,
-            );
+            match &packed {
+                Some((pz, _)) => bf16::gemm(hc, m, pz, &mut z[..m * v], false),
+                None => gemm_f32(
+                    m,
+                    v,
+                    d,
+                    &mut z,
+                    (1, v),
+                    false,
+                    hc,
+                    (1, d),
+                    w,
+                    (d, 1),
+                    threads,
+                ),
+            }
             let body = |i: usize, s: &[f32], o: Option<&mut [f32]>, out: &mut [f32; ROW_OUT]| {
                 let r = r0 + i;
                 let trow = t.map(|(t, vt)| &t[r * vt..(r + 1) * vt]);
@@ -176,16 +193,17 @@ impl LmHeadKd {
             if self.need_dh {
                 // dh_c (m×d) = dz (m×V) · W (V×d).
                 let dhc = &mut dh[r0 * d..(r0 + m) * d];
-                gemm_f32(m, d, v, dhc, (1, d), false, &dz, (1, v), w, (1, d), threads);
+                match &packed {
+                    Some((_, Some(pdh))) => bf16::gemm(&dz[..m * v], m, pdh, dhc, false),
+                    _ => gemm_f32(m, d, v, dhc, (1, d), false, &dz, (1, v), w, (1, d), threads),
+                }
             }
             if self.need_dw {
                 // dW^T (d×V) += h_c^T (d×m) · dz (m×V).
-                gemm_f32(
-                    d,
-                    v,
-                    m,
+                product(
+                    self.precision,
+                    (d, v, m),
                     &mut dwt,
-                    (1, v),
                     r0 > 0,
                     hc,
                     (d, 1),
@@ -377,6 +395,7 @@ fn loss_in_chunks(
         w_ce: (cfg.alpha_ce as f64 / denom) as f32,
         need_dh: h.track_op(),
         need_dw: w.track_op(),
+        precision: distill_core::ops::autocast_precision(),
         chunk: chunk.unwrap_or_else(|| chunk_rows(v, n)),
         saved: Arc::default(),
     };
@@ -469,6 +488,47 @@ mod tests {
                 (false, dw) => assert!(dw.is_none(), "{what}: a frozen projection got a gradient"),
             }
         }
+    }
+
+    /// Under `Autocast(Bf16)` the projection's products run on AMX tiles: the loss and the
+    /// gradients stay within bf16 rounding of f32 (and differ from it: the tiles ran), and the
+    /// loss and dh do not depend on the chunking (each row's products are one fixed sequence).
+    #[test]
+    fn bf16_autocast_tracks_f32() {
+        if !distill_core::ops::bf16::available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return;
+        }
+        let (n, d, v) = (45, 40, 300);
+        let dev = Device::Cpu;
+        let h = Var::from_vec(rand_vec(n * d, 1.0, 1), (n, d), &dev).unwrap();
+        let w = Var::from_vec(rand_vec(v * d, 0.5, 2), (v, d), &dev).unwrap();
+        let t = TeacherTargets::Dense {
+            logits: Tensor::from_vec(rand_vec(n * v, 6.0, 3), (n, v), &dev).unwrap(),
+        };
+        let labels: Vec<u32> = (0..n).map(|i| ((i * 13) % v) as u32).collect();
+        let c = cfg(KdKind::ForwardKl, 2.0, 0.3);
+        let run = |chunk: usize| {
+            let parts =
+                loss_in_chunks(h.as_tensor(), w.as_tensor(), &t, &labels, &c, Some(chunk)).unwrap();
+            let g = parts.total.backward().unwrap();
+            let dh = g.get(h.as_tensor()).unwrap().clone();
+            let dw = g.get(w.as_tensor()).unwrap().clone();
+            (parts.total.to_scalar::<f32>().unwrap(), dh, dw)
+        };
+        let (l32, dh32, dw32) = run(64);
+        let guard = distill_core::ops::Autocast::new(distill_core::Precision::Bf16).unwrap();
+        let (l16, dh16, dw16) = run(64);
+        let (l16b, dh16b, _) = run(7);
+        drop(guard);
+        assert!(
+            l16 != l32 && (l16 - l32).abs() <= 1e-2 * l32.abs(),
+            "{l16} vs {l32}"
+        );
+        assert!(max_rel_err(&dh16, &dh32) <= 2e-2);
+        assert!(max_rel_err(&dw16, &dw32) <= 2e-2);
+        assert_eq!(l16, l16b);
+        assert_eq!(max_rel_err(&dh16, &dh16b), 0.0);
     }
 
     fn cfg(kind: KdKind, tau: f32, alpha_ce: f32) -> LossConfig {
