@@ -269,6 +269,9 @@ struct BenchGemmArgs {
     /// Timed products per shape (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// f32 (candle's matmul), or bf16 on AMX tiles (B packed once, A rounded per product).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -637,7 +640,9 @@ fn bench_gemm(a: BenchGemmArgs) -> Result<()> {
             _ => anyhow::bail!("--shapes {s}: expected MxNxK with three positive sizes"),
         }
     }
-    let r = distill_train::bench::bench_gemm(&shapes, a.iters.max(1))?;
+    let precision: distill_core::Precision = a.precision.parse().context("--precision")?;
+    let r = distill_train::bench::bench_gemm(&shapes, a.iters.max(1), precision)
+        .with_context(|| format!("--precision {precision}"))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -645,8 +650,8 @@ fn bench_gemm(a: BenchGemmArgs) -> Result<()> {
             println!("gemm {}x{}x{}: {:.1} GFLOP/s", s.m, s.n, s.k, s.gflops);
         }
         println!(
-            "f32 GEMM roofline (FLOP-weighted over the shapes): {:.1} GFLOP/s, {} threads",
-            r.gflops, r.threads
+            "{} GEMM roofline (FLOP-weighted over the shapes): {:.1} GFLOP/s, {} threads",
+            r.precision, r.gflops, r.threads
         );
     }
     Ok(())

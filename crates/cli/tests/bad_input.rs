@@ -536,6 +536,18 @@ fn train_refuses_an_unknown_device() {
     check_failure(code, &err, &["tpu"]);
 }
 
+/// A product precision that does not exist, in a run's config and in the training bench: one
+/// line naming it, before anything is loaded.
+#[test]
+fn train_refuses_an_unknown_precision() {
+    let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml");
+    let set = "train.precision=\"fp8\"";
+    let (code, _, err) = distill(&["train", "--config", tiny, "--set", set]);
+    check_failure(code, &err, &["fp8", "bf16"]);
+    let (code, _, err) = distill(&["bench", "train", "--precision", "fp8", "--steps", "1"]);
+    check_failure(code, &err, &["--precision", "fp8"]);
+}
+
 /// `distill export`: a GGUF file that distill's reader opens again; bad input is one line and
 /// leaves no file behind.
 #[test]

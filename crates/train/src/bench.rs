@@ -222,23 +222,52 @@ pub struct GemmBench {
     /// Total FLOPs over total time: the rate a workload of these shapes in these proportions gets.
     pub gflops: f64,
     pub threads: usize,
+    pub precision: distill_core::Precision,
 }
 
-/// f32 `(m×k)·(k×n)` products through candle's matmul (the path every layer takes), `iters` timed
-/// after one warm-up per shape: 2·m·n·k FLOPs each.
-pub fn bench_gemm(shapes: &[(usize, usize, usize)], iters: usize) -> Result<GemmBench> {
+/// `(m×k)·(k×n)` products, `iters` timed after one warm-up per shape: 2·m·n·k FLOPs each. f32
+/// through candle's matmul (the path every layer takes); bf16 on AMX tiles with `B` packed once
+/// (as a frozen weight) and `A` rounded per product, the teacher's products at
+/// `--teacher-precision bf16` and the peak the student's reach at `train.precision = "bf16"`.
+pub fn bench_gemm(
+    shapes: &[(usize, usize, usize)],
+    iters: usize,
+    precision: distill_core::Precision,
+) -> Result<GemmBench> {
     let dev = Device::Cpu;
     let (mut flops, mut secs) = (0f64, 0f64);
     let mut out = Vec::new();
+    if !precision.is_f32() {
+        // The same check as a training run's.
+        drop(distill_core::ops::Autocast::new(precision)?);
+    }
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
-        let a = Tensor::from_vec(randn(m * k, 1.0, 10 + i as u64), (m, k), &dev)?;
-        let b = Tensor::from_vec(randn(k * n, 1.0, 20 + i as u64), (k, n), &dev)?;
-        a.matmul(&b)?; // warm-up
-        let start = Instant::now();
-        for _ in 0..iters {
-            std::hint::black_box(a.matmul(&b)?);
-        }
-        let s = start.elapsed().as_secs_f64();
+        let (av, bv) = (
+            randn(m * k, 1.0, 10 + i as u64),
+            randn(k * n, 1.0, 20 + i as u64),
+        );
+        let s = match precision {
+            distill_core::Precision::F32 => {
+                let a = Tensor::from_vec(av, (m, k), &dev)?;
+                let b = Tensor::from_vec(bv, (k, n), &dev)?;
+                a.matmul(&b)?; // warm-up
+                let start = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(a.matmul(&b)?);
+                }
+                start.elapsed().as_secs_f64()
+            }
+            distill_core::Precision::Bf16 => {
+                use distill_core::ops::bf16;
+                let packed = bf16::PackedBf16::pack_strided(&bv, k, n, (1, n));
+                bf16::gemm_alloc(&av, m, &packed); // warm-up
+                let start = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(bf16::gemm_alloc(&av, m, &packed));
+                }
+                start.elapsed().as_secs_f64()
+            }
+        };
         let f = 2.0 * (m * n * k) as f64 * iters as f64;
         out.push(GemmShape {
             m,
@@ -253,5 +282,6 @@ pub fn bench_gemm(shapes: &[(usize, usize, usize)], iters: usize) -> Result<Gemm
         shapes: out,
         gflops: flops / secs / 1e9,
         threads: distill_core::device::cpu_threads(),
+        precision,
     })
 }

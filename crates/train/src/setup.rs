@@ -356,7 +356,14 @@ impl Setup {
             } else {
                 2 * v * h * 4
             };
-            crate::loss::fused_buffer_bytes(v as usize, rows as usize) as u64 + dw
+            // At train.precision = "bf16", the projection in bf16 tiles twice (for the logits and
+            // for dh; kept between steps when frozen).
+            let packs = if t.precision.is_f32() {
+                0
+            } else {
+                2 * v * h * 2
+            };
+            crate::loss::fused_buffer_bytes(v as usize, rows as usize) as u64 + dw + packs
         } else {
             rows * v * 4 * 3
         };

@@ -290,14 +290,17 @@ impl Lhs<'_> {
         } else if rs == 1 && dst.as_ptr().align_offset(4) == 0 {
             // A transposed operand (its columns contiguous): each k pair's two source rows read
             // as two streams and interleaved in one vector pass, then moved into the m rows.
+            // Eight pairs at a time, so that each row gets 32 contiguous bytes per visit.
+            const PAIRS: usize = 8;
             let cells = SendPtr(dst.as_mut_ptr().cast::<u32>());
-            let half_kp = kp / 2;
-            (0..k.div_ceil(2))
-                .into_par_iter()
-                .with_min_len(8)
-                .for_each_init(
-                    || vec![0u32; m],
-                    |pairs, q| {
+            let (half_kp, half) = (kp / 2, k.div_ceil(2));
+            (0..half.div_ceil(PAIRS)).into_par_iter().for_each_init(
+                || vec![0u32; PAIRS * m],
+                |pairs, block| {
+                    let q0 = block * PAIRS;
+                    let count = PAIRS.min(half - q0);
+                    for (qq, out) in pairs.chunks_mut(m).take(count).enumerate() {
+                        let q = q0 + qq;
                         let lo = &a[2 * q * cs..][..m];
                         // An odd K's last pair: zeros after its one row.
                         let zeros;
@@ -307,14 +310,18 @@ impl Lhs<'_> {
                             zeros = vec![0f32; m];
                             &zeros[..]
                         };
-                        crate::vexp::to_bf16_pairs(lo, hi, pairs);
-                        for (i, &v) in pairs.iter().enumerate() {
-                            // SAFETY: row i's pair q, inside `dst` (i < m, 2q + 1 < kp); no
-                            // other pair writes it.
-                            unsafe { *cells.ptr().add(i * half_kp + q) = v };
+                        crate::vexp::to_bf16_pairs(lo, hi, out);
+                    }
+                    for i in 0..m {
+                        // SAFETY: row i's pairs q0.., inside `dst` (i < m, 2(q0 + count) ≤
+                        // kp); no other block writes them.
+                        let row = unsafe { cells.ptr().add(i * half_kp + q0) };
+                        for qq in 0..count {
+                            unsafe { *row.add(qq) = pairs[qq * m + i] };
                         }
-                    },
-                );
+                    }
+                },
+            );
             let end = 2 * k.div_ceil(2);
             dst.par_chunks_mut(kp).for_each(|d| d[end..].fill(0));
         } else {

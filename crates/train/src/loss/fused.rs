@@ -60,6 +60,38 @@ fn give_scratch(buf: Vec<f32>) {
     }
 }
 
+/// A frozen projection's bf16 packs (for `z` and, when asked, for `dh`), keyed by its tensor:
+/// a frozen tied embedding is the same tensor at every step, and packing its V × d values twice
+/// per step cost as much as a tenth of a healing step. Tensor ids are never reused and a
+/// frozen (non-`Var`) tensor's values do not change, so the key identifies the values.
+type HeadPacks = Arc<(PackedBf16, Option<PackedBf16>)>;
+static HEAD_PACKS: Mutex<Option<(candle_core::TensorId, HeadPacks)>> = Mutex::new(None);
+
+/// W (V × d) packed as the right operand of `h Wᵀ` and (when `need_dh`) of `dz W`: from
+/// [`HEAD_PACKS`] for a frozen `W` already packed, else packed now (and kept when frozen).
+fn head_packs(
+    frozen: Option<candle_core::TensorId>,
+    w: &[f32],
+    v: usize,
+    d: usize,
+    need_dh: bool,
+) -> HeadPacks {
+    let mut kept = HEAD_PACKS.lock().unwrap_or_else(|e| e.into_inner());
+    if let (Some(id), Some((kid, packs))) = (frozen, kept.as_ref()) {
+        if *kid == id && packs.1.is_some() >= need_dh {
+            return packs.clone();
+        }
+    }
+    let packs = Arc::new((
+        PackedBf16::pack_strided(w, d, v, (d, 1)),
+        need_dh.then(|| PackedBf16::pack_strided(w, v, d, (1, d))),
+    ));
+    if let Some(id) = frozen {
+        *kept = Some((id, packs.clone()));
+    }
+    packs
+}
+
 /// Gradients computed in the forward pass, unscaled (upstream gradient 1).
 #[derive(Debug, Default)]
 struct Saved {
@@ -78,6 +110,9 @@ struct LmHeadKd {
     /// The products' precision (`ops::Autocast` when the op was built): bf16 packs the projection
     /// into AMX tiles once per call, for `z` and for `dh`.
     precision: Precision,
+    /// The projection's tensor when it is frozen: its bf16 packs are kept between calls
+    /// ([`HEAD_PACKS`]).
+    frozen: Option<candle_core::TensorId>,
     /// Rows per chunk ([`chunk_rows`]; small in tests, to cross chunk boundaries).
     chunk: usize,
     saved: Arc<Mutex<Saved>>,
@@ -131,19 +166,14 @@ impl LmHeadKd {
         };
         let mut rows = vec![[0f32; ROW_OUT]; n];
         // At bf16: W (V × d) as the right operand of z = h Wᵀ and of dh = dz W, packed once for
-        // every chunk.
-        let packed = (!self.precision.is_f32()).then(|| {
-            let z = PackedBf16::pack_strided(w, d, v, (d, 1));
-            let dh = self
-                .need_dh
-                .then(|| PackedBf16::pack_strided(w, v, d, (1, d)));
-            (z, dh)
-        });
+        // every chunk, and kept for the next call when W is frozen.
+        let packed =
+            (!self.precision.is_f32()).then(|| head_packs(self.frozen, w, v, d, self.need_dh));
         for r0 in (0..n).step_by(c) {
             let m = c.min(n - r0);
             let hc = &h[r0 * d..(r0 + m) * d];
             // z (m×V) = h_c (m×d) · W^T (d×V).
-            match &packed {
+            match packed.as_deref() {
                 Some((pz, _)) => bf16::gemm(hc, m, pz, &mut z[..m * v], false),
                 None => gemm_f32(
                     m,
@@ -193,7 +223,7 @@ impl LmHeadKd {
             if self.need_dh {
                 // dh_c (m×d) = dz (m×V) · W (V×d).
                 let dhc = &mut dh[r0 * d..(r0 + m) * d];
-                match &packed {
+                match packed.as_deref() {
                     Some((_, Some(pdh))) => bf16::gemm(&dz[..m * v], m, pdh, dhc, false),
                     _ => gemm_f32(m, d, v, dhc, (1, d), false, &dz, (1, v), w, (1, d), threads),
                 }
@@ -396,6 +426,7 @@ fn loss_in_chunks(
         need_dh: h.track_op(),
         need_dw: w.track_op(),
         precision: distill_core::ops::autocast_precision(),
+        frozen: (!w.track_op()).then(|| w.id()),
         chunk: chunk.unwrap_or_else(|| chunk_rows(v, n)),
         saved: Arc::default(),
     };
