@@ -93,6 +93,13 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         max_position_embeddings: o.seq_len.max(2048),
         ..Config::tiny()
     };
+    if !o.precision.is_f32() && !device.is_cpu() {
+        return Err(distill_core::Error::Msg(format!(
+            "{} products run on the CPU's AMX tiles; this bench runs on {}",
+            o.precision,
+            distill_core::device::device_name(device)
+        )));
+    }
     let (student, varmap, cfg) = match &o.student {
         Some(dir) => crate::student::student_from_dir(dir, dir, 0, device)?,
         None => {
@@ -227,8 +234,9 @@ pub struct GemmBench {
 
 /// `(m×k)·(k×n)` products, `iters` timed after one warm-up per shape: 2·m·n·k FLOPs each. f32
 /// through candle's matmul (the path every layer takes); bf16 on AMX tiles with `B` packed once
-/// (as a frozen weight) and `A` rounded per product, the teacher's products at
-/// `--teacher-precision bf16` and the peak the student's reach at `train.precision = "bf16"`.
+/// (as a frozen weight) and `A` rounded per product: the teacher's products at
+/// `--teacher-precision bf16`, and an upper bound for the student's at `train.precision =
+/// "bf16"` (which packs B per product too).
 pub fn bench_gemm(
     shapes: &[(usize, usize, usize)],
     iters: usize,

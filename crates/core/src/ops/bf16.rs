@@ -1,9 +1,12 @@
-//! bf16 products on Intel AMX for frozen weights (the teacher): `x Wᵀ` with `W` rounded to bf16
-//! once and packed into AMX tiles, `x` rounded to bf16 per call (round to nearest even), products
-//! summed in f32 by the tile unit. On a CPU with AMX-BF16 the tile multiply runs several times
-//! faster than the f32 FMA units, so this is the one way past the f32 roofline; the price is the
-//! two roundings (about 3 significant decimal digits of each input), which `distill bench cache
-//! --teacher-precision bf16` measures as a KL to the f32 forward.
+//! bf16 products on Intel AMX: `A B` with `B` rounded to bf16 and packed into AMX tiles, `A`
+//! rounded to bf16 per call (round to nearest even), products summed in f32 by the tile unit. A
+//! frozen weight (the teacher's, `--teacher-precision bf16`) is packed once; a trained student's
+//! operands — weights, activations, gradients, given by strides — are packed per product
+//! (`train.precision = "bf16"`, through `ops::product`). On a CPU with AMX-BF16 the tile multiply
+//! runs several times faster than the f32 FMA units, so this is the one way past the f32
+//! roofline; the price is the two roundings (about 3 significant decimal digits of each input),
+//! which `distill bench cache --teacher-precision bf16` measures as a KL to the f32 forward and
+//! BENCHMARKS.md (seventh pass) as a healed student's perplexity.
 //!
 //! Each output element is one fixed sequence of tile multiplies over K, whatever the thread
 //! count or the row range a thread takes, so results are reproducible (the cache's byte-identical
@@ -69,10 +72,11 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// A frozen weight (out × in) in bf16, laid out as AMX B tiles: for each block of 16 outputs, for
-/// each block of 32 inputs, a 16 × 64-byte tile whose row `r` holds, for each output `n` of the
-/// block, the pair (W[n][2r], W[n][2r+1]) of that input block. Outputs and inputs are padded with
-/// zeros to whole blocks (32 outputs, 32 inputs).
+/// A right operand in bf16 — a weight (out × in) of `x Wᵀ`, or any B (k × n) as `n` outputs over
+/// `k` inputs — laid out as AMX B tiles: for each block of 16 outputs, for each block of 32
+/// inputs, a 16 × 64-byte tile whose row `r` holds, for each output `n` of the block, the pair
+/// (W[n][2r], W[n][2r+1]) of that input block. Outputs and inputs are padded with zeros to whole
+/// blocks (32 outputs, 32 inputs).
 pub struct PackedBf16 {
     data: Vec<u16>,
     out: usize,
@@ -172,9 +176,10 @@ impl PackedBf16 {
             }
             // The panel as (k-pair, output) u32 cells: a pair's two bf16 values side by side.
             // SAFETY: any bit pattern is a valid u16 and u32; the u32 middle is aligned.
+            let plen = p.len();
             let (pre, cells, _) = unsafe { p.align_to_mut::<u32>() };
             let cell = |q: usize| (q / TILE) * TILE * TILE + (q % TILE) * TILE;
-            if pre.is_empty() && rs == 1 {
+            if pre.is_empty() && 2 * cells.len() == plen && rs == 1 {
                 // Columns of B run along K (a weight, out × in): each output's row rounded in
                 // one vector pass, then its k pairs moved into their cells.
                 let half = k.div_ceil(2);
@@ -736,10 +741,6 @@ mod tests {
     /// packed B unpacks to the rounded operand.
     #[test]
     fn strided_operands_match_the_rounded_inputs_in_f64() {
-        if !available() {
-            eprintln!("skipped: no AMX-BF16 on this CPU");
-            return;
-        }
         // (rows, cols, pad) → (cs, rs) and the buffer length, for each layout.
         let layouts = |rows: usize, cols: usize| {
             [
@@ -764,6 +765,10 @@ mod tests {
                         for j in 0..n {
                             assert_eq!(back[j * k + kk], bt(kk, j), "B layout {bi} ({kk},{j})");
                         }
+                    }
+                    if !available() {
+                        // The packing is checked; the products need the tiles.
+                        continue;
                     }
                     let r = lcg(40, m * n);
                     for accumulate in [false, true] {
@@ -798,6 +803,33 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Each left-operand path (rows, transposed, neither) writes every element of its rows —
+    /// the rounded values, zeros after K — over a buffer holding stale NaN patterns (the kept
+    /// per-thread buffer's earlier contents must never reach a product).
+    #[test]
+    fn left_operands_overwrite_every_element() {
+        let (m, k, kp) = (37, 71, 96);
+        for (cs, rs, len) in [
+            (1, k + 2, (m - 1) * (k + 2) + k),
+            (m + 1, 1, (k - 1) * (m + 1) + m),
+            (2, 2 * k, (m - 1) * 2 * k + 2 * k - 1),
+        ] {
+            let a = lcg(50, len);
+            let mut dst = vec![0xFFFFu16; m * kp];
+            Lhs { a: &a, cs, rs }.round_into(m, k, kp, &mut dst);
+            for i in 0..m {
+                for kk in 0..kp {
+                    let want = if kk < k {
+                        to_bf16(a[i * rs + kk * cs])
+                    } else {
+                        0
+                    };
+                    assert_eq!(dst[i * kp + kk], want, "({cs},{rs}) [{i},{kk}]");
                 }
             }
         }

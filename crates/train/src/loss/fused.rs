@@ -60,12 +60,16 @@ fn give_scratch(buf: Vec<f32>) {
     }
 }
 
-/// A frozen projection's bf16 packs (for `z` and, when asked, for `dh`), keyed by its tensor:
-/// a frozen tied embedding is the same tensor at every step, and packing its V × d values twice
-/// per step cost as much as a tenth of a healing step. Tensor ids are never reused and a
-/// frozen (non-`Var`) tensor's values do not change, so the key identifies the values.
+/// A frozen projection's bf16 packs (for `z` and, when asked, for `dh`), kept between calls: a
+/// frozen tied embedding is the same tensor at every step, and packing its V × d values costs
+/// two passes over 113 MB (the SmolLM2 vocabulary) per step. Keyed by the tensor's id (never
+/// reused) and its data's address and length. The frozen projection the trainer passes is the
+/// model's own embedding after its `Var` is gone, which nothing changes; a tensor changed in
+/// place under the same id (candle's `slice_set`) would be served stale packs — nothing in
+/// distill does that. One entry (one student per process); it lives until the next one.
 type HeadPacks = Arc<(PackedBf16, Option<PackedBf16>)>;
-static HEAD_PACKS: Mutex<Option<(candle_core::TensorId, HeadPacks)>> = Mutex::new(None);
+type HeadKey = (candle_core::TensorId, usize, usize);
+static HEAD_PACKS: Mutex<Option<(HeadKey, HeadPacks)>> = Mutex::new(None);
 
 /// W (V × d) packed as the right operand of `h Wᵀ` and (when `need_dh`) of `dz W`: from
 /// [`HEAD_PACKS`] for a frozen `W` already packed, else packed now (and kept when frozen).
@@ -76,18 +80,22 @@ fn head_packs(
     d: usize,
     need_dh: bool,
 ) -> HeadPacks {
-    let mut kept = HEAD_PACKS.lock().unwrap_or_else(|e| e.into_inner());
-    if let (Some(id), Some((kid, packs))) = (frozen, kept.as_ref()) {
-        if *kid == id && packs.1.is_some() >= need_dh {
-            return packs.clone();
+    let key = frozen.map(|id| (id, w.as_ptr() as usize, w.len()));
+    if let Some(key) = key {
+        let kept = HEAD_PACKS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, packs)) = kept.as_ref() {
+            if *k == key && packs.1.is_some() >= need_dh {
+                return packs.clone();
+            }
         }
     }
+    // Packed outside the lock (the packing runs on rayon's pool).
     let packs = Arc::new((
         PackedBf16::pack_strided(w, d, v, (d, 1)),
         need_dh.then(|| PackedBf16::pack_strided(w, v, d, (1, d))),
     ));
-    if let Some(id) = frozen {
-        *kept = Some((id, packs.clone()));
+    if let Some(key) = key {
+        *HEAD_PACKS.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, packs.clone()));
     }
     packs
 }
