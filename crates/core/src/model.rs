@@ -804,11 +804,7 @@ impl CausalLm {
                     "bf16 products run on the CPU's AMX tiles; this model is on a GPU"
                 )
             }
-            if !ops::bf16::available() {
-                candle_core::bail!(
-                    "bf16 products need AMX-BF16, which this CPU or OS does not offer; use f32"
-                )
-            }
+            ops::bf16::require()?;
         }
         // On a copy (the tensors are shared), so an error leaves this model as it was.
         let mut next = self.clone();

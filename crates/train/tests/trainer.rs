@@ -671,11 +671,7 @@ fn on_policy_prompts_from_a_file_train_and_resume_bit_identically() {
 #[test]
 fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
     let f = fixture(false);
-    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
-    let err = RunConfig::load(&tiny, &["teacher.precision=\"fp8\"".to_string()])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+    unknown_precision_is_refused("teacher.precision");
     // A cache built at f32 with a bf16 teacher asked: refused, naming both (before any AMX use).
     let bf16_run_error = |f: &Fixture, cache: bool, name: &str| {
         let cfg = config(f, cache, &["teacher.precision=\"bf16\""]);
@@ -712,11 +708,7 @@ fn a_live_bf16_teacher_trains_and_resumes_bit_identically() {
 #[test]
 fn bf16_student_products_train_and_resume_bit_identically() {
     let f = fixture(false);
-    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
-    let err = RunConfig::load(&tiny, &["train.precision=\"fp8\"".to_string()])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+    unknown_precision_is_refused("train.precision");
     let sets = [
         "train.max_steps=30",
         "train.checkpoint_every=100",
@@ -773,4 +765,13 @@ fn bf16_run_trains_and_resumes(f: &Fixture, sets: &[&str; 4]) {
             "f32 {a} vs bf16 {b}"
         );
     }
+}
+
+/// `KEY = "fp8"` in a run config is refused, naming the value and the precisions there are.
+fn unknown_precision_is_refused(key: &str) {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny.toml");
+    let err = RunConfig::load(&tiny, &[format!("{key}=\"fp8\"")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
 }

@@ -29,6 +29,16 @@ pub fn available() -> bool {
     *OK.get_or_init(detect)
 }
 
+/// [`available`], or the one error every bf16 entry point gives without it.
+pub fn require() -> Result<()> {
+    if !available() {
+        candle_core::bail!(
+            "bf16 products need AMX-BF16, which this CPU or OS does not offer; use f32"
+        )
+    }
+    Ok(())
+}
+
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn detect() -> bool {
     // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
@@ -99,6 +109,26 @@ impl std::fmt::Debug for PackedBf16 {
     }
 }
 
+/// Where k pair `q` of a panel's first output lies, in u32 cells ([`in_panel`] / 2 at n = 0).
+#[inline(always)]
+fn pair_cell(q: usize) -> usize {
+    (q / TILE) * TILE * TILE + (q % TILE) * TILE
+}
+
+/// Rows `2q` and `2q + 1` of a source whose rows start every `stride` elements, `len` values
+/// each, as bf16 pairs ([`crate::vexp::to_bf16_pairs`]): an operand's k pair `q`. Past an odd
+/// `k` the second row is zeros.
+fn round_pair(src: &[f32], stride: usize, k: usize, q: usize, out: &mut [u32]) {
+    let len = out.len();
+    let lo = &src[2 * q * stride..][..len];
+    if 2 * q + 1 < k {
+        crate::vexp::to_bf16_pairs(lo, &src[(2 * q + 1) * stride..][..len], out);
+    } else {
+        crate::vexp::to_bf16_pairs(lo, lo, out);
+        out.iter_mut().for_each(|v| *v &= 0xffff);
+    }
+}
+
 impl PackedBf16 {
     /// Packs `w` (out × in, row-major).
     pub fn pack(w: &[f32], out: usize, inp: usize) -> Self {
@@ -140,17 +170,8 @@ impl PackedBf16 {
                 .for_each_init(
                     || vec![0u32; n],
                     |pairs, q| {
-                        let lo = &b[2 * q * rs..][..n];
-                        // An odd K's last pair: zeros after its one row.
-                        let zeros;
-                        let hi = if 2 * q + 1 < k {
-                            &b[(2 * q + 1) * rs..][..n]
-                        } else {
-                            zeros = vec![0f32; n];
-                            &zeros[..]
-                        };
-                        crate::vexp::to_bf16_pairs(lo, hi, pairs);
-                        let at = (q / TILE) * TILE * TILE + (q % TILE) * TILE;
+                        round_pair(b, rs, k, q, pairs);
+                        let at = pair_cell(q);
                         for (nb, chunk) in pairs.chunks(TILE).enumerate() {
                             // SAFETY: panel nb's cells of pair q, inside `data` (n ≤ panels ×
                             // 16, q < kblocks × 16); no other pair writes them.
@@ -178,7 +199,6 @@ impl PackedBf16 {
             // SAFETY: any bit pattern is a valid u16 and u32; the u32 middle is aligned.
             let plen = p.len();
             let (pre, cells, _) = unsafe { p.align_to_mut::<u32>() };
-            let cell = |q: usize| (q / TILE) * TILE * TILE + (q % TILE) * TILE;
             if pre.is_empty() && 2 * cells.len() == plen && rs == 1 {
                 // Columns of B run along K (a weight, out × in): each output's row rounded in
                 // one vector pass, then its k pairs moved into their cells.
@@ -187,7 +207,7 @@ impl PackedBf16 {
                 for j in 0..width {
                     crate::vexp::to_bf16(&b[(n0 + j) * cs..][..k], &mut row[..k]);
                     for q in 0..half {
-                        cells[cell(q) + j] = row[2 * q] as u32 | (row[2 * q + 1] as u32) << 16;
+                        cells[pair_cell(q) + j] = row[2 * q] as u32 | (row[2 * q + 1] as u32) << 16;
                     }
                 }
             } else {
@@ -305,17 +325,7 @@ impl Lhs<'_> {
                     let q0 = block * PAIRS;
                     let count = PAIRS.min(half - q0);
                     for (qq, out) in pairs.chunks_mut(m).take(count).enumerate() {
-                        let q = q0 + qq;
-                        let lo = &a[2 * q * cs..][..m];
-                        // An odd K's last pair: zeros after its one row.
-                        let zeros;
-                        let hi = if 2 * q + 1 < k {
-                            &a[(2 * q + 1) * cs..][..m]
-                        } else {
-                            zeros = vec![0f32; m];
-                            &zeros[..]
-                        };
-                        crate::vexp::to_bf16_pairs(lo, hi, out);
+                        round_pair(a, cs, k, q0 + qq, out);
                     }
                     for i in 0..m {
                         // SAFETY: row i's pairs q0.., inside `dst` (i < m, 2(q0 + count) ≤

@@ -238,10 +238,8 @@ pub struct Autocast {
 impl Autocast {
     /// Sets this thread's product precision; bf16 without AMX-BF16 is an error.
     pub fn new(precision: Precision) -> Result<Self> {
-        if !precision.is_f32() && !bf16::available() {
-            candle_core::bail!(
-                "bf16 products need AMX-BF16, which this CPU or OS does not offer; use f32"
-            );
+        if !precision.is_f32() {
+            bf16::require()?;
         }
         Ok(Self {
             prev: AUTOCAST.replace(precision),
