@@ -799,12 +799,7 @@ impl CausalLm {
     /// of each, half their size.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         if precision == Precision::Bf16 {
-            if !self.device().is_cpu() {
-                candle_core::bail!(
-                    "bf16 products run on the CPU's AMX tiles; this model is on a GPU"
-                )
-            }
-            ops::bf16::require()?;
+            ops::bf16::require(self.device())?;
         }
         // On a copy (the tensors are shared), so an error leaves this model as it was.
         let mut next = self.clone();

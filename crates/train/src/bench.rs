@@ -93,12 +93,8 @@ pub fn bench_train(o: &TrainBenchOptions, device: &Device) -> Result<TrainBench>
         max_position_embeddings: o.seq_len.max(2048),
         ..Config::tiny()
     };
-    if !o.precision.is_f32() && !device.is_cpu() {
-        return Err(distill_core::Error::Msg(format!(
-            "{} products run on the CPU's AMX tiles; this bench runs on {}",
-            o.precision,
-            distill_core::device::device_name(device)
-        )));
+    if !o.precision.is_f32() {
+        distill_core::ops::bf16::require(device)?;
     }
     let (student, varmap, cfg) = match &o.student {
         Some(dir) => crate::student::student_from_dir(dir, dir, 0, device)?,
@@ -246,8 +242,7 @@ pub fn bench_gemm(
     let (mut flops, mut secs) = (0f64, 0f64);
     let mut out = Vec::new();
     if !precision.is_f32() {
-        // The same check as a training run's.
-        drop(distill_core::ops::Autocast::new(precision)?);
+        distill_core::ops::bf16::require(&dev)?;
     }
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         let (av, bv) = (

@@ -77,22 +77,12 @@ pub(crate) struct Setup {
 pub(crate) fn setup(cfg: RunConfig) -> Result<Setup> {
     let device = distill_core::parse_device(&cfg.train.device)?;
     if !cfg.train.precision.is_f32() {
-        let why = if device.is_cpu() {
-            distill_core::ops::Autocast::new(cfg.train.precision)
-                .err()
-                .map(|e| e.to_string())
-        } else {
-            Some(format!(
-                "its products run on the CPU's AMX tiles, and train.device is {}",
-                cfg.train.device
-            ))
-        };
-        if let Some(why) = why {
-            return Err(Error::Msg(format!(
-                "train.precision = \"{}\": {why}",
+        distill_core::ops::bf16::require(&device).map_err(|e| {
+            Error::Msg(format!(
+                "train.precision = \"{}\": {e}",
                 cfg.train.precision
-            )));
-        }
+            ))
+        })?;
     }
     let tdir = &cfg.teacher.model;
     if !tdir.is_dir() {

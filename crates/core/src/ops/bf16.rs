@@ -29,8 +29,12 @@ pub fn available() -> bool {
     *OK.get_or_init(detect)
 }
 
-/// [`available`], or the one error every bf16 entry point gives without it.
-pub fn require() -> Result<()> {
+/// Whether bf16 products can run for tensors on `device`: the CPU, with [`available`] AMX; else
+/// the one error every bf16 entry point gives.
+pub fn require(device: &candle_core::Device) -> Result<()> {
+    if !device.is_cpu() {
+        candle_core::bail!("bf16 products run on the CPU's AMX tiles, not on a GPU; use f32")
+    }
     if !available() {
         candle_core::bail!(
             "bf16 products need AMX-BF16, which this CPU or OS does not offer; use f32"

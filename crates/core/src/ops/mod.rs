@@ -239,7 +239,7 @@ impl Autocast {
     /// Sets this thread's product precision; bf16 without AMX-BF16 is an error.
     pub fn new(precision: Precision) -> Result<Self> {
         if !precision.is_f32() {
-            bf16::require()?;
+            bf16::require(&candle_core::Device::Cpu)?;
         }
         Ok(Self {
             prev: AUTOCAST.replace(precision),
